@@ -1,0 +1,113 @@
+"""Streaming inference for one session, independent of HTTP and of batching.
+
+A chunk goes through two steps so that a batcher can sit between them:
+
+1. ``plan_chunk`` (in arrival order): split into sub-chunks of at most 2 s,
+   build each model window of exactly 34133 samples from the session's audio
+   context and compute the chunk's volume. Only earlier *audio* is needed, so
+   the windows of consecutive chunks can run in the same batch.
+2. ``finish_chunk`` (in arrival order): take the new frames from the model
+   output and post-process them with the stored previous frames.
+
+Context modes:
+
+* ``continuous`` (default): the window is the session's previous audio
+  followed by the chunk, as the API document promises.
+* ``reference``: every window is zeros followed by the chunk, reproducing the
+  reference implementation (whose context flag is never cleared) and so its
+  published outputs. Post-processing context is kept in both modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from . import postprocess
+from .audio import rms_volume
+from .backend import Backend
+from .constants import SAMPLE_RATE, VOLUME_HOP, WINDOW_FRAMES, WINDOW_SAMPLES
+
+# Sub-chunks are multiples of 0.1 s (3 frames) so their frame counts add up
+# to the frame count of the whole chunk.
+MAX_SUBCHUNK_SAMPLES = 2 * SAMPLE_RATE
+
+
+class ContextMode(str, Enum):
+    CONTINUOUS = "continuous"
+    REFERENCE = "reference"
+
+
+@dataclass
+class StreamState:
+    """Everything a session remembers between chunks."""
+
+    identity: int
+    rng: np.random.Generator
+    mode: ContextMode = ContextMode.CONTINUOUS
+    previous_audio: np.ndarray | None = None  # the last model window [W]
+    previous_frames: np.ndarray | None = None  # last <= 64 post-processed frames
+    previous_volume: np.ndarray | None = None
+    frames_sent: int = 0
+
+
+@dataclass
+class ChunkPlan:
+    window: np.ndarray  # [WINDOW_SAMPLES] float32
+    start_frame: int  # first model frame that belongs to this chunk
+    volume: np.ndarray  # one value per new frame
+    samples: int = field(default=0)
+
+    @property
+    def num_frames(self) -> int:
+        return WINDOW_FRAMES - self.start_frame
+
+
+def split_chunk(audio: np.ndarray) -> list[np.ndarray]:
+    """Consecutive pieces of at most 2 s (a chunk may be longer than one window)."""
+    return [audio[i : i + MAX_SUBCHUNK_SAMPLES] for i in range(0, len(audio), MAX_SUBCHUNK_SAMPLES)]
+
+
+def _chunk_volume(piece: np.ndarray, frames: int) -> np.ndarray:
+    vol = rms_volume(piece, SAMPLE_RATE, frame_length=min(VOLUME_HOP, len(piece)))
+    if len(vol) < frames:  # only for pathological lengths; keep frames and volume aligned
+        vol = np.pad(vol, (0, frames - len(vol)), mode="edge")
+    return vol[:frames]
+
+
+def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
+    """Build the model windows for a 16 kHz chunk and advance the audio context."""
+    plans = []
+    for piece in split_chunk(np.asarray(audio, dtype=np.float32)):
+        keep = WINDOW_SAMPLES - len(piece)
+        if state.mode is ContextMode.CONTINUOUS and state.previous_audio is not None:
+            head = state.previous_audio[len(state.previous_audio) - keep :] if keep else state.previous_audio[:0]
+        else:
+            head = np.zeros(keep, dtype=np.float32)
+        window = np.concatenate([head, piece]).astype(np.float32, copy=False)
+        state.previous_audio = window
+        start = int(WINDOW_FRAMES - len(piece) / SAMPLE_RATE * 30)
+        plans.append(ChunkPlan(window, start, _chunk_volume(piece, WINDOW_FRAMES - start), len(piece)))
+    return plans
+
+
+def finish_chunk(state: StreamState, plan: ChunkPlan, model_frames: np.ndarray) -> np.ndarray:
+    """Post-process the new frames of one window and store them as context."""
+    new = np.asarray(model_frames, dtype=np.float32)[plan.start_frame :]
+    out = postprocess.postprocess_chunk(state.previous_frames, state.previous_volume, new, plan.volume, state.rng)
+    if state.previous_frames is None:
+        state.previous_frames, state.previous_volume = out.copy(), plan.volume.copy()
+    else:
+        state.previous_frames = np.concatenate([state.previous_frames, out])[-WINDOW_FRAMES:]
+        state.previous_volume = np.concatenate([state.previous_volume, plan.volume])[-WINDOW_FRAMES:]
+    state.frames_sent += len(out)
+    return out
+
+
+def push_chunk(state: StreamState, backend: Backend, audio: np.ndarray) -> np.ndarray:
+    """Synchronous convenience: plan, run all windows in one batch, finish."""
+    plans = plan_chunk(state, audio)
+    out = backend.run_windows(np.stack([p.window for p in plans]), np.full(len(plans), state.identity))
+    return np.concatenate([finish_chunk(state, p, o) for p, o in zip(plans, out)])

@@ -1,0 +1,254 @@
+"""The micro-batcher: one thread that owns the model and the device.
+
+Handlers (any thread, or the event loop) submit work and get a
+``concurrent.futures.Future`` back (``asyncio.wrap_future`` makes it awaitable):
+
+* ``submit_windows``: streaming windows ``[n, 34133]`` with identities. Queued
+  window requests are coalesced into one batch of up to ``max_batch`` rows,
+  run through the runner (which pads to its captured bucket sizes), and the
+  output rows are scattered back to each request's future.
+* ``submit_clip``: one variable-length whole-clip pass, run as its own job
+  by the same thread, so a single owner touches the device.
+
+When the device is idle the thread waits at most ``max_wait_s`` for more
+windows to fill a batch; when work is already queued it does not wait. The
+queue is bounded (``max_queue`` windows): ``QueueFull`` is raised at once
+instead of letting latency grow without limit. A failing batch fails only
+its own futures; the thread keeps running.
+
+The batcher also implements the ``a2e.backend.Backend`` protocol (blocking
+calls), so the core's clip and streaming paths run through it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from a2e.backend import Backend
+from a2e.constants import SAMPLE_RATE, WINDOW_SAMPLES
+
+from . import metrics
+
+log = logging.getLogger("a2e.batcher")
+
+
+class QueueFull(RuntimeError):
+    """The batcher's queue is at its bound; retry later."""
+
+    def __init__(self, depth: int, retry_after_s: float) -> None:
+        super().__init__(f"inference queue is full ({depth} windows waiting); retry in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher is not running (shutting down, or never started)."""
+
+
+@dataclass
+class _WindowJob:
+    windows: np.ndarray
+    identities: np.ndarray
+    future: Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def rows(self) -> int:
+        return len(self.windows)
+
+
+@dataclass
+class _ClipJob:
+    audio: np.ndarray
+    identity: int
+    future: Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    rows: int = 1
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        runner: Backend,
+        *,
+        max_batch: int = 8,
+        max_wait_s: float = 0.005,
+        max_queue: int = 512,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.runner = runner
+        self.num_identities = runner.num_identities
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._queue: deque[_WindowJob | _ClipJob] = deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._busy_s = 0.0  # recent mean batch time, for Retry-After
+        self._batches = 0
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> "MicroBatcher":
+        with self._cond:
+            if self._running:
+                return self
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name="a2e-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._running = False
+            pending = list(self._queue)
+            self._queue.clear()
+            self._queued_rows = 0
+            self._cond.notify_all()
+        for job in pending:
+            job.future.set_exception(BatcherStopped("server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+        metrics.QUEUE_DEPTH.set(0)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def queued_windows(self) -> int:
+        return self._queued_rows
+
+    # -- submission --------------------------------------------------------
+    def _enqueue(self, job: _WindowJob | _ClipJob) -> Future:
+        with self._cond:
+            if not self._running:
+                raise BatcherStopped("inference is not running")
+            if self._queued_rows + job.rows > self.max_queue and self._queue:
+                metrics.REJECTED.inc()
+                waves = self._queued_rows / max(self.max_batch, 1)
+                raise QueueFull(self._queued_rows, max(1.0, waves * max(self._busy_s, 0.05)))
+            self._queue.append(job)
+            self._queued_rows += job.rows
+            metrics.QUEUE_DEPTH.set(self._queued_rows)
+            self._cond.notify()
+        return job.future
+
+    def submit_windows(self, windows: np.ndarray, identities: np.ndarray) -> Future:
+        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        if windows.ndim != 2 or windows.shape[1] != WINDOW_SAMPLES or len(windows) == 0:
+            raise ValueError(f"windows must be [n>0, {WINDOW_SAMPLES}], got {windows.shape}")
+        ids = np.asarray(identities, dtype=np.int64).reshape(-1)
+        if len(ids) != len(windows):
+            raise ValueError("one identity per window")
+        return self._enqueue(_WindowJob(windows, ids, Future()))
+
+    def submit_clip(self, audio: np.ndarray, identity: int) -> Future:
+        return self._enqueue(_ClipJob(np.asarray(audio, dtype=np.float32), int(identity), Future()))
+
+    # Backend protocol (blocking; call from worker threads, never the event loop).
+    def run_windows(self, windows: np.ndarray, identities: np.ndarray) -> np.ndarray:
+        return self.submit_windows(windows, identities).result()
+
+    def run_clip(self, audio: np.ndarray, identity: int) -> np.ndarray:
+        return self.submit_clip(audio, identity).result()
+
+    # -- the thread ----------------------------------------------------------
+    def _take(self) -> list[_WindowJob] | _ClipJob | None:
+        """Next unit of work: a clip job, or window jobs filling up to max_batch rows."""
+        with self._cond:
+            while self._running and not self._queue:
+                self._cond.wait()
+            if not self._running:
+                return None
+            first = self._queue[0]
+            if isinstance(first, _ClipJob):
+                self._queue.popleft()
+                self._queued_rows -= first.rows
+                metrics.QUEUE_DEPTH.set(self._queued_rows)
+                return first
+            batch: list[_WindowJob] = []
+            rows = 0
+            deadline = time.perf_counter() + self.max_wait_s
+            while rows < self.max_batch:
+                job = self._pop_window_job(self.max_batch - rows if batch else None)
+                if job is not None:
+                    batch.append(job)
+                    rows += job.rows
+                    continue
+                # Nothing more that fits right now: wait briefly only if the
+                # queue is empty (an idle device), never when work is queued.
+                remaining = deadline - time.perf_counter()
+                if self._queue or remaining <= 0 or not self._running:
+                    break
+                self._cond.wait(remaining)
+            self._queued_rows -= rows
+            metrics.QUEUE_DEPTH.set(self._queued_rows)
+            return batch
+
+    def _pop_window_job(self, room: int | None) -> _WindowJob | None:
+        """First queued window job that fits in ``room`` rows (any size when None)."""
+        for i, job in enumerate(self._queue):
+            if isinstance(job, _WindowJob) and (room is None or job.rows <= room):
+                del self._queue[i]
+                return job
+        return None
+
+    def _loop(self) -> None:
+        while True:
+            work = self._take()
+            if work is None:
+                return
+            if isinstance(work, _ClipJob):
+                self._run_clip(work)
+            else:
+                self._run_batch(work)
+
+    def _run_clip(self, job: _ClipJob) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        metrics.QUEUE_WAIT.labels("clip").observe(time.perf_counter() - job.enqueued)
+        t0 = time.perf_counter()
+        try:
+            out = self.runner.run_clip(job.audio, job.identity)
+        except Exception as exc:  # isolate: only this request fails
+            log.exception("whole-clip inference failed (%.1f s of audio)", len(job.audio) / SAMPLE_RATE)
+            job.future.set_exception(exc)
+            return
+        metrics.BATCH_SECONDS.labels("clip").observe(time.perf_counter() - t0)
+        job.future.set_result(out)
+
+    def _run_batch(self, jobs: list[_WindowJob]) -> None:
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        now = time.perf_counter()
+        for j in jobs:
+            metrics.QUEUE_WAIT.labels("window").observe(now - j.enqueued)
+        windows = jobs[0].windows if len(jobs) == 1 else np.concatenate([j.windows for j in jobs])
+        ids = jobs[0].identities if len(jobs) == 1 else np.concatenate([j.identities for j in jobs])
+        t0 = time.perf_counter()
+        try:
+            out = self.runner.run_windows(windows, ids)
+        except Exception as exc:
+            log.exception("batch of %d windows failed", len(windows))
+            for j in jobs:
+                j.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - t0
+        self._batches += 1
+        self._busy_s = elapsed if self._batches == 1 else 0.9 * self._busy_s + 0.1 * elapsed
+        metrics.BATCH_SECONDS.labels("window").observe(elapsed)
+        metrics.BATCH_SIZE.observe(len(windows))
+        offset = 0
+        for j in jobs:
+            j.future.set_result(out[offset : offset + j.rows])
+            offset += j.rows

@@ -1,0 +1,96 @@
+"""Parsing and validating request fields, with the API document's names and defaults.
+
+Type errors, missing fields and out-of-range values are 422 (what the
+document's FastAPI server answers for them); unusable audio is 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sanic.request import Request
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class RequestError(Exception):
+    """A client mistake, answered with ``status`` and ``{"detail": detail}``."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def parse_bool(value: Any, name: str, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise RequestError(422, f"{name} must be a boolean (true/false, 1/0, yes/no, on/off), got {value!r}")
+
+
+def parse_int(value: Any, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise RequestError(422, f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise RequestError(422, f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise RequestError(422, f"{name} must be an integer, got {value!r}") from None
+    if not isinstance(value, int):
+        raise RequestError(422, f"{name} must be an integer, got {type(value).__name__}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise RequestError(422, f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def form_field(request: Request, name: str) -> str | None:
+    """A multipart/urlencoded form value (the first, if repeated)."""
+    form = request.form or {}
+    values = form.getlist(name) if hasattr(form, "getlist") else form.get(name)
+    if not values:
+        return None
+    return values[0] if isinstance(values, list) else values
+
+
+def file_field(request: Request, name: str) -> bytes:
+    """The bytes of an uploaded file field; 422 when the field is missing."""
+    files = request.files or {}
+    uploads = files.getlist(name) if hasattr(files, "getlist") else files.get(name)
+    if not uploads:
+        if form_field(request, name) is not None:
+            raise RequestError(422, f"{name} must be sent as a file (multipart/form-data), not as a text field")
+        ctype = request.content_type or ""
+        hint = "" if ctype.startswith("multipart/form-data") else f" (the request is {ctype or 'not multipart'}; send multipart/form-data)"
+        raise RequestError(422, f"missing file field {name!r}{hint}")
+    upload = uploads[0] if isinstance(uploads, list) else uploads
+    return upload.body
+
+
+def json_body(request: Request) -> dict[str, Any]:
+    """The JSON object of a request; an empty body means all defaults."""
+    if not request.body or not request.body.strip():
+        return {}
+    try:
+        body = request.json
+    except Exception:
+        raise RequestError(422, "request body is not valid JSON") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise RequestError(422, f"request body must be a JSON object, got {type(body).__name__}")
+    return body

@@ -1,0 +1,15 @@
+"""Prometheus metrics of the HTTP layer and sessions (the batcher's are in batching/metrics.py)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("a2e_http_requests_total", "HTTP requests answered", ["endpoint", "method", "status"])
+LATENCY = Histogram(
+    "a2e_http_request_duration_seconds",
+    "Time from request to response",
+    ["endpoint", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+SESSIONS_ACTIVE = Gauge("a2e_sessions_active", "Open streaming sessions")
+SESSIONS_EXPIRED = Counter("a2e_sessions_expired_total", "Streaming sessions closed for being idle")
+AUDIO_SECONDS = Counter("a2e_audio_seconds_total", "Seconds of audio animated", ["kind"])
+FRAMES = Counter("a2e_frames_total", "Animation frames produced", ["kind"])

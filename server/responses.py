@@ -1,0 +1,34 @@
+"""Serialising animation to the API document's JSON (encoded with ujson)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ujson
+from sanic.response import HTTPResponse
+
+from a2e.constants import ARKIT_NAMES, FPS, NUM_BLENDSHAPES
+
+NAMES = list(ARKIT_NAMES)
+
+
+def animation(frames: np.ndarray, **metadata: Any) -> dict[str, Any]:
+    """``{"names", "metadata", "frames": [{"weights", "time", "rotation"}]}``; ``time``
+    counts from the first frame given (chunk-relative for streaming)."""
+    weights = np.asarray(frames, dtype=np.float64).tolist()
+    return {
+        "names": NAMES,
+        "metadata": {"fps": float(FPS), "frame_count": len(weights), "blendshape_count": NUM_BLENDSHAPES, **metadata},
+        "frames": [{"weights": w, "time": i / FPS, "rotation": []} for i, w in enumerate(weights)],
+    }
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> HTTPResponse:
+    return HTTPResponse(
+        ujson.dumps(body, ensure_ascii=False), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def error(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPResponse:
+    return json_response({"detail": detail}, status=status, headers=headers)

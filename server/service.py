@@ -1,0 +1,226 @@
+"""The inference service behind the handlers: loads the model, owns the
+batcher, the sessions and the worker threads, and runs the core's whole-clip
+and streaming paths. It speaks numpy and exceptions, not HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from a2e import audio as audio_io
+from a2e import clip, streaming
+from a2e.checkpoint import load_model
+from a2e.config import model_dims, read_config
+from a2e.constants import SAMPLE_RATE
+from a2e.errors import AudioError
+from batching import MicroBatcher, ModelRunner
+
+from . import metrics
+from .sessions import Session, SessionStore
+from .settings import Settings
+
+log = logging.getLogger("a2e.service")
+
+MIN_CHUNK_SECONDS = 0.1
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    weights: str
+    device: str
+    dtype: str
+    num_identities: int
+    parameters: int
+    runner_mode: str
+
+
+@dataclass
+class ChunkResult:
+    frames: np.ndarray
+    chunk_index: int
+    audio_seconds: float
+    start_time: float  # session time of the chunk's first frame
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class InferenceService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)
+        self.batcher: MicroBatcher | None = None
+        self.model_info: ModelInfo | None = None
+        self.not_ready_reason = "model not loaded yet"
+        self.io_pool = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="a2e-io")
+        # Whole clips block a thread while their windows run; a pool of their
+        # own keeps them from starving the decoding of streaming chunks.
+        self.clip_pool = ThreadPoolExecutor(2, thread_name_prefix="a2e-clip")
+
+    # -- lifecycle -------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and self.batcher.running
+
+    def load(self) -> None:
+        """Load the weights named by the settings. Missing weights leave the
+        service not ready (the server still starts); a file that is there but
+        does not fit raises CheckpointError."""
+        s = self.settings
+        config_path = s.resolve(s.config_file)
+        config = read_config(config_path) if config_path and config_path.exists() else {}
+        weights = s.resolve(s.weight or config.get("weight"))
+        if weights is None or not weights.exists():
+            self.not_ready_reason = f"no model weights found at {weights or '(none configured)'}"
+            log.warning("%s; serving without a model (inference answers 503). See pretrained_models/README.md", self.not_ready_reason)
+            return
+        if s.cpu_threads > 0:
+            torch.set_num_threads(s.cpu_threads)
+        device = resolve_device(s.device)
+        dims = model_dims(config, base_dir=config_path.parent.parent if config_path else ".")
+        t0 = time.perf_counter()
+        model = load_model(weights, dims, "cpu")
+        params = sum(p.numel() for p in model.parameters())
+        runner = ModelRunner(
+            model,
+            device,
+            dtype=s.dtype,
+            max_batch=s.max_batch,
+            cuda_graphs=s.cuda_graphs,
+            compile=s.compile,
+        )
+        self.batcher = MicroBatcher(
+            runner, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue
+        ).start()
+        self.model_info = ModelInfo(
+            name="lam-a2e" + ("" if not dims.use_transformer else "-transformer"),
+            weights=str(weights),
+            device=device,
+            dtype=s.dtype,
+            num_identities=dims.num_identity_classes,
+            parameters=params,
+            runner_mode=runner.mode,
+        )
+        log.info(
+            "model loaded: %s (%.1f M parameters, %d identities) on %s/%s, %s, in %.1f s",
+            weights,
+            params / 1e6,
+            dims.num_identity_classes,
+            device,
+            s.dtype,
+            runner.mode,
+            time.perf_counter() - t0,
+        )
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+        self.sessions.clear()
+        self.io_pool.shutdown(wait=False, cancel_futures=True)
+        self.clip_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def num_identities(self) -> int:
+        return self.model_info.num_identities if self.model_info else 0
+
+    async def _in_io(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    # -- whole clips -------------------------------------------------------
+    async def infer_clip(
+        self, data: bytes, identity: int, *, movement_smooth: bool, brow_movement: bool, seed: int | None
+    ) -> tuple[np.ndarray, float]:
+        assert self.batcher is not None
+        audio = await self._in_io(audio_io.load, data, self.settings.max_audio_s)
+        rng = np.random.default_rng(seed)
+        frames = await asyncio.get_running_loop().run_in_executor(
+            self.clip_pool,
+            lambda: clip.infer_clip(
+                self.batcher,
+                audio,
+                identity,
+                rng,
+                movement_smooth=movement_smooth,
+                brow_movement=brow_movement,
+                max_single_pass_seconds=self.settings.single_pass_max_s,
+            ),
+        )
+        seconds = len(audio) / SAMPLE_RATE
+        metrics.AUDIO_SECONDS.labels("clip").inc(seconds)
+        metrics.FRAMES.labels("clip").inc(len(frames))
+        return frames, seconds
+
+    # -- streaming -----------------------------------------------------------
+    def open_session(self, identity: int, seed: int | None, mode: str) -> Session:
+        rng = np.random.default_rng(seed if seed is not None else secrets.randbits(64))
+        state = streaming.StreamState(identity=identity, rng=rng, mode=streaming.ContextMode(mode))
+        session = self.sessions.create(state)
+        metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+        return session
+
+    def close_session(self, session_id: str) -> Session | None:
+        session = self.sessions.close(session_id)
+        metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+        return session
+
+    def expire_sessions(self) -> int:
+        n = self.sessions.expire()
+        if n:
+            metrics.SESSIONS_EXPIRED.inc(n)
+            log.info("expired %d idle session(s)", n)
+        metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+        return n
+
+    async def stream_chunk(self, session: Session, data: bytes) -> ChunkResult:
+        """Process one chunk of a session, in the order chunks arrived."""
+        assert self.batcher is not None
+        ticket = session.ticket()
+        try:
+            audio = await self._in_io(audio_io.load, data, self.settings.max_chunk_s)
+            if len(audio) < MIN_CHUNK_SECONDS * SAMPLE_RATE:
+                raise AudioError(
+                    f"audio chunk too short: {len(audio)} samples at 16 kHz ({len(audio) / SAMPLE_RATE:.3f} s); "
+                    f"at least {int(MIN_CHUNK_SECONDS * SAMPLE_RATE)} samples (0.1 s) are needed"
+                )
+        except BaseException:
+            await session.skip(ticket)
+            raise
+        state = session.state
+        try:
+            async with session.turn(ticket, "plan"):
+                saved_audio = state.previous_audio
+                plans = streaming.plan_chunk(state, audio)
+                try:
+                    future = self.batcher.submit_windows(
+                        np.stack([p.window for p in plans]), np.full(len(plans), state.identity)
+                    )
+                except BaseException:
+                    state.previous_audio = saved_audio  # nothing ran: the context stays as it was
+                    raise
+            model_out = await asyncio.wrap_future(future)
+        except BaseException:
+            async with session.turn(ticket, "finish"):
+                pass
+            raise
+        async with session.turn(ticket, "finish"):
+            start_time = state.frames_sent / 30.0
+            frames = np.concatenate([streaming.finish_chunk(state, p, o) for p, o in zip(plans, model_out)])
+            session.chunks_done += 1
+            index = session.chunks_done
+            session.last_used = time.monotonic()
+        seconds = len(audio) / SAMPLE_RATE
+        metrics.AUDIO_SECONDS.labels("stream").inc(seconds)
+        metrics.FRAMES.labels("stream").inc(len(frames))
+        return ChunkResult(frames, index, seconds, start_time)

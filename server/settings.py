@@ -1,0 +1,133 @@
+"""The server's settings: one typed object, filled from (lowest to highest
+precedence) its defaults, the ``--config-file``, ``A2E_*`` environment
+variables and command-line flags.
+
+Every field maps to a flag ``--field-name`` and a variable ``A2E_FIELD_NAME``;
+the config file may set any field by its name (plus the upstream ``weight``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+from a2e.config import read_config
+from a2e.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/lam_audio2exp_config_streaming.py"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass
+class Settings:
+    host: str = field(default="0.0.0.0", metadata={"help": "address to bind"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    config_file: str = field(default=DEFAULT_CONFIG, metadata={"help": "model config file (upstream-style Python, never executed)"})
+    weight: str | None = field(default=None, metadata={"help": "model weights (.tar/.pth pickle or .safetensors); overrides the config file"})
+    log_level: str = field(default="info", metadata={"help": "one of " + ", ".join(LOG_LEVELS)})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: str = field(default="fp32", metadata={"help": "model precision: fp32 (exact), bf16 or fp16"})
+    max_sessions: int = field(default=1000, metadata={"help": "open streaming sessions at most"})
+    session_idle_timeout_s: float = field(default=300.0, metadata={"help": "close a session idle this long (seconds)"})
+    max_upload_mb: float = field(default=50.0, metadata={"help": "largest request body (MB)"})
+    max_audio_s: float = field(default=600.0, metadata={"help": "longest whole-clip audio (seconds)"})
+    max_chunk_s: float = field(default=10.0, metadata={"help": "longest streaming chunk (seconds)"})
+    single_pass_max_s: float = field(default=60.0, metadata={"help": "clips up to this length run in one pass; longer ones in windows"})
+    context_mode: str = field(default="continuous", metadata={"help": "default streaming context: continuous or reference"})
+    max_batch: int = field(default=8, metadata={"help": "windows per model batch at most (1 turns batching off)"})
+    max_wait_ms: float = field(default=5.0, metadata={"help": "wait this long for a batch to fill when the device is idle"})
+    max_queue: int = field(default=512, metadata={"help": "windows waiting for the model at most; beyond it 503 + Retry-After"})
+    cuda_graphs: bool = field(default=True, metadata={"help": "capture CUDA graphs per batch size (CUDA only)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model before capture"})
+    cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    io_workers: int = field(default=4, metadata={"help": "threads for decoding, post-processing and serialisation"})
+
+    def validate(self) -> "Settings":
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.context_mode not in ("continuous", "reference"):
+            raise ConfigError(f"context_mode must be 'continuous' or 'reference', got {self.context_mode!r}")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        for name in ("max_sessions", "max_batch", "max_queue", "io_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("session_idle_timeout_s", "max_upload_mb", "max_audio_s", "max_chunk_s", "single_pass_max_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def resolve(self, path: str | None) -> Path | None:
+        """A path from the settings, relative paths against the working directory, then the project."""
+        if not path:
+            return None
+        p = Path(path)
+        if p.is_absolute() or p.exists():
+            return p
+        return ROOT / p
+
+
+_TYPES = get_type_hints(Settings)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {text!r}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _TYPES[name]
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if kind is int:
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="LAM-A2E inference server (audio -> 52 ARKit blendshapes at 30 fps)")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if _TYPES[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+    return parser
+
+
+def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults <- config file <- environment <- flags."""
+    environ = os.environ if environ is None else environ
+    flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    env = {f.name: environ[f"A2E_{f.name.upper()}"] for f in fields(Settings) if f"A2E_{f.name.upper()}" in environ}
+    config_file = flags.get("config_file") or env.get("config_file") or DEFAULT_CONFIG
+    settings = Settings(config_file=config_file)
+    path = settings.resolve(config_file)
+    file_values: dict[str, Any] = {}
+    if path is not None and path.exists():
+        file_values = {k: v for k, v in read_config(path).items() if k in _TYPES and k != "config_file"}
+    elif config_file != DEFAULT_CONFIG:
+        raise ConfigError(f"config file {config_file} does not exist")
+    for source in (file_values, env, flags):
+        for name, value in source.items():
+            setattr(settings, name, _coerce(name, value))
+    return settings.validate()
