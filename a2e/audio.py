@@ -21,6 +21,7 @@ from .errors import AudioError, AudioTooLongError
 # libsndfile reports MP3 frames a little generously; allow a tiny slack
 # before calling an upload too long by its header alone.
 _HEADER_SLACK = 1.05
+_RMS_BLOCK = 2048
 
 
 def decode(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
@@ -76,11 +77,17 @@ def rms_volume(audio: np.ndarray, sr: int = SAMPLE_RATE, frame_length: int | Non
     frame_length = hop if frame_length is None else frame_length
     x = np.asarray(audio, dtype=np.float32)
     pad = frame_length // 2
-    padded = np.pad(x, (pad, pad))
-    n = 1 + (len(padded) - frame_length) // hop if len(padded) >= frame_length else 0
-    if n <= 0:
-        return np.zeros(0, dtype=np.float32)
-    frames = np.lib.stride_tricks.sliding_window_view(padded, frame_length)[::hop][:n]
-    power = np.mean(np.square(frames, dtype=np.float32), axis=1, dtype=np.float32)
-    volume = np.sqrt(power)
-    return volume[: math.ceil(len(x) / sr * 30)]
+    n = 1 + (len(x) + 2 * pad - frame_length) // hop if len(x) + 2 * pad >= frame_length else 0
+    n = min(n, math.ceil(len(x) / sr * 30))
+    volume = np.empty(max(n, 0), dtype=np.float32)
+    # Blocks of frames, so a long clip never needs a padded copy or a
+    # [frames, frame_length] scratch array of its whole length.
+    for b0 in range(0, n, _RMS_BLOCK):
+        b1 = min(n, b0 + _RMS_BLOCK)
+        lo, hi = b0 * hop - pad, (b1 - 1) * hop + frame_length - pad
+        seg = x[max(lo, 0) : max(min(hi, len(x)), 0)]
+        seg = np.pad(seg, (max(0, -lo), max(0, hi - len(x))))
+        frames = np.lib.stride_tricks.sliding_window_view(seg, frame_length)[::hop][: b1 - b0]
+        power = np.mean(np.square(frames, dtype=np.float32), axis=1, dtype=np.float32)
+        volume[b0:b1] = np.sqrt(power)
+    return volume
