@@ -64,6 +64,8 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> S
     app.config.REQUEST_MAX_SIZE = settings.max_upload_bytes
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.KEEP_ALIVE_TIMEOUT = 30
+    # Whoever creates the service closes it: the app only when it made it.
+    app.ctx.owns_service = service is None
     app.ctx.service = service or InferenceService(settings)
     app.blueprint(bp)
     app.error_handler.add(Exception, _error_response)
@@ -77,11 +79,17 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> S
 
     @app.after_server_stop
     async def shutdown(app: Sanic) -> None:
-        app.ctx.service.close()
+        if app.ctx.owns_service:
+            app.ctx.service.close()
 
     @app.on_request
     async def start_timer(request: Request) -> None:
         request.ctx.started = time.perf_counter()
+        # Sanic's own server enforces REQUEST_MAX_SIZE while reading; ASGI
+        # servers may not, so the limit is checked here too.
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.max_upload_bytes:
+            raise RequestError(413, f"request body too large: the limit is {settings.max_upload_mb:g} MB")
 
     @app.on_response
     async def record(request: Request, response: HTTPResponse) -> None:
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=settings.log_level.lower() in ("debug", "trace"),
         motd=False,
     )
+    service.close()
     return 0
 
 

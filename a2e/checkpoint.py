@@ -60,10 +60,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "allowed global" not in text and "Unsupported global" not in text:
+            raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint (not a pickle torch wrote)") from None
         dst = path.with_suffix(".safetensors")
+        what = next((line.strip() for line in text.splitlines() if "global" in line), "")
         raise CheckpointError(
             f"checkpoint {path} holds Python objects beyond tensors and plain containers, so it "
-            f"cannot be loaded safely (weights_only=True refused: {str(exc).splitlines()[0]}). "
+            f"cannot be loaded safely with weights_only=True ({what[:160]}). "
             f"If you trust the file, convert it once with: {CONVERT_HINT.format(src=path, dst=dst)}"
         ) from None
     except Exception as exc:  # torch raises many types for garbage input; all mean 'unreadable'

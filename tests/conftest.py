@@ -37,7 +37,7 @@ def tiny_wav2vec2() -> dict:
 
 
 def tiny_dims(**overrides) -> ModelDims:
-    base = dict(wav2vec2=tiny_wav2vec2(), hidden_dim=32, identity_feat_dim=8, lm_head_in_features=16)
+    base = dict(wav2vec2=tiny_wav2vec2(), hidden_dim=32, identity_feat_dim=8)
     base.update(overrides)
     return ModelDims(**base)
 
