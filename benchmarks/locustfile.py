@@ -1,0 +1,70 @@
+"""Locust load test for streaming and whole-clip traffic.
+
+    pip install -e '.[bench]'
+    locust -f benchmarks/locustfile.py --host http://127.0.0.1:8000 --headless -u 20 -r 5 -t 60s
+
+Run locust in its own process (it patches ssl on import), never inside the
+server. A StreamingUser opens a session, sends 1 s chunks paced in real time
+and closes it; a ClipUser posts whole clips now and then.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+
+import numpy as np
+import soundfile as sf
+from locust import HttpUser, between, task
+
+
+def _wav(seconds: float, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    x = 0.25 * np.sin(2 * np.pi * 160 * t) * (np.sin(2 * np.pi * 1.2 * t) > -0.2) + 0.03 * rng.standard_normal(len(t))
+    buf = io.BytesIO()
+    sf.write(buf, x.astype(np.float32), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+CHUNKS = [_wav(1.0, i) for i in range(8)]
+CLIPS = [_wav(s, 100 + i) for i, s in enumerate((3.0, 8.0, 15.0))]
+
+
+class StreamingUser(HttpUser):
+    weight = 9
+    wait_time = between(0.5, 2.0)
+
+    @task
+    def stream(self) -> None:
+        res = self.client.post("/api/infer_stream_init", json={"id_idx": random.randrange(12)})
+        if res.status_code != 200:
+            return
+        sid = res.json()["session_id"]
+        start = time.perf_counter()
+        for k in range(10):
+            due = start + k
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            self.client.post(
+                "/api/infer_stream_chunk",
+                data={"session_id": sid},
+                files={"audio_chunk": ("chunk.wav", CHUNKS[k % len(CHUNKS)], "audio/wav")},
+                name="/api/infer_stream_chunk",
+            )
+        self.client.delete(f"/api/infer_stream_close/{sid}", name="/api/infer_stream_close/[id]")
+
+
+class ClipUser(HttpUser):
+    weight = 1
+    wait_time = between(2.0, 5.0)
+
+    @task
+    def clip(self) -> None:
+        self.client.post(
+            "/api/infer",
+            files={"audio_file": ("clip.wav", random.choice(CLIPS), "audio/wav")},
+            data={"movement_smooth": "true", "brow_movement": "true"},
+        )

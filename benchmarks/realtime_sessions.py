@@ -1,0 +1,224 @@
+"""Real-time streaming sessions, measured the way Audio2Face-3D and Riva do:
+N paced sessions each send a 1 s chunk every second; a session keeps real
+time when every answer arrives before its next chunk is due.
+
+    python benchmarks/realtime_sessions.py --sessions 2 4 6 8 10 12 --max-batch 8 1
+    python benchmarks/realtime_sessions.py --url http://127.0.0.1:8000 --sessions 100 200
+
+Without ``--url`` it starts the server itself (``app.py``, random weights of
+the released layout unless ``--weight``), once per ``--max-batch`` value, so
+batching on and off are compared in one run. Per N it reports chunk latency
+p50/p90/p99 (from when the chunk was due), first-chunk latency, and how many
+sessions kept real time; then the largest N at which all of them did.
+Writes benchmarks/out/realtime_sessions.json.
+
+The client is a small asyncio HTTP/1.1 client with pre-built multipart
+bodies, so that on a small machine it takes as little CPU as possible from
+the server it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, released_checkpoint, save  # noqa: E402
+
+BOUNDARY = "a2eBenchBoundary"
+
+
+def speech_chunks(n: int, seconds: float = 1.0) -> list[bytes]:
+    """n distinct 1 s WAV chunks (voiced bursts with pauses)."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        t = np.arange(int(16000 * seconds)) / 16000
+        env = (np.sin(2 * np.pi * (1.1 + 0.1 * i) * t) > -0.3).astype(np.float32)
+        x = (0.25 * np.sin(2 * np.pi * (150 + 5 * i) * t) + 0.03 * rng.standard_normal(len(t))) * env
+        buf = io.BytesIO()
+        sf.write(buf, x.astype(np.float32), 16000, format="WAV", subtype="PCM_16")
+        out.append(buf.getvalue())
+    return out
+
+
+def multipart(session_id: str, chunk: bytes) -> bytes:
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="session_id"\r\n\r\n{session_id}\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="audio_chunk"; filename="c.wav"\r\n'
+        f"Content-Type: audio/wav\r\n\r\n"
+    ).encode() + chunk + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection (enough for this benchmark's requests)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"", ctype: str = "application/json") -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results):
+    u = urlparse(url)
+    conn = Connection(u.hostname, u.port or 80)
+    status, body = await conn.request("POST", "/api/infer_stream_init", json.dumps({"id_idx": index % 12}).encode())
+    if status != 200:
+        results.append({"error": f"init {status}"})
+        return
+    sid = json.loads(body)["session_id"]
+    bodies = [multipart(sid, chunks[(index + k) % len(chunks)]) for k in range(n_chunks)]
+    ctype = f"multipart/form-data; boundary={BOUNDARY}"
+    offset = index / n_sessions  # spread sessions over the second, as independent clients would be
+    latencies, on_time, errors = [], True, 0
+    for k in range(n_chunks):
+        due = t_start + offset + k
+        now = time.perf_counter()
+        if now < due:
+            await asyncio.sleep(due - now)
+        status, _ = await conn.request("POST", "/api/infer_stream_chunk", bodies[k], ctype)
+        done = time.perf_counter()
+        latencies.append(done - due)
+        if status != 200:
+            errors += 1
+        if done > due + 1.0:  # the next chunk was due before this answer came
+            on_time = False
+    await conn.request("DELETE", f"/api/infer_stream_close/{sid}")
+    conn.close()
+    results.append({"latencies": latencies, "on_time": on_time and errors == 0, "errors": errors})
+
+
+async def run_level(url: str, n: int, n_chunks: int, chunks: list[bytes]) -> dict:
+    results: list[dict] = []
+    t_start = time.perf_counter() + 0.5
+    await asyncio.gather(*(run_session(url, i, n, chunks, n_chunks, t_start, results) for i in range(n)))
+    lat = np.array([x for r in results if "latencies" in r for x in r["latencies"]])
+    first = np.array([r["latencies"][0] for r in results if "latencies" in r])
+    kept = sum(1 for r in results if r.get("on_time"))
+    return {
+        "sessions": n,
+        "kept_real_time": kept,
+        "errors": sum(r.get("errors", 1) for r in results),
+        "p50": float(np.percentile(lat, 50)) if lat.size else None,
+        "p90": float(np.percentile(lat, 90)) if lat.size else None,
+        "p99": float(np.percentile(lat, 99)) if lat.size else None,
+        "first_chunk_p50": float(np.percentile(first, 50)) if first.size else None,
+        "first_chunk_max": float(first.max()) if first.size else None,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(weight: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    import urllib.request
+
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--weight", str(weight),
+           "--max-batch", str(max_batch), "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(url + "/api/health", timeout=1) as r:
+                if json.load(r)["status"] == "healthy":
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become healthy")
+
+
+def sweep(url: str, levels: list[int], n_chunks: int, label: str) -> list[dict]:
+    chunks = speech_chunks(16)
+    rows = []
+    failures = 0
+    for n in levels:
+        row = asyncio.run(run_level(url, n, n_chunks, chunks))
+        row["config"] = label
+        rows.append(row)
+        print(
+            f"{label:>14} N={n:4d} kept={row['kept_real_time']:4d} p50={row['p50']:.3f} p90={row['p90']:.3f} "
+            f"p99={row['p99']:.3f} first={row['first_chunk_p50']:.3f}/{row['first_chunk_max']:.3f} errors={row['errors']}",
+            flush=True,
+        )
+        failures = failures + 1 if row["kept_real_time"] < n else 0
+        if failures >= 2:
+            break
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="measure a running server instead of starting one")
+    p.add_argument("--weight", type=Path, help="checkpoint (default: random weights of the released layout)")
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10, 12, 16])
+    p.add_argument("--max-batch", type=int, nargs="+", default=[8, 1], help="one sweep per value (own server)")
+    p.add_argument("--chunks", type=int, default=10, help="chunks per session (seconds of audio)")
+    p.add_argument("--server-args", default="", help="extra flags for app.py, e.g. '--dtype bf16'")
+    args = p.parse_args()
+    rows = []
+    if args.url:
+        rows += sweep(args.url, args.sessions, args.chunks, "external")
+    else:
+        weight = args.weight or released_checkpoint()
+        for mb in args.max_batch:
+            proc, url = start_server(weight, mb, args.server_args.split())
+            try:
+                rows += sweep(url, args.sessions, args.chunks, f"max_batch={mb}")
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    best = {}
+    for r in rows:
+        if r["kept_real_time"] == r["sessions"] and r["errors"] == 0:
+            best[r["config"]] = max(best.get(r["config"], 0), r["sessions"])
+    print("largest N with every session in real time:", best)
+    path = save("realtime_sessions", {"machine": machine(), "server_args": args.server_args, "rows": rows, "best": best})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
