@@ -56,8 +56,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
         where = f"{path}:{stmt.lineno}"
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
             continue  # docstring
-        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            continue  # upstream configs may import nothing we need; ignore rather than execute
         if not isinstance(stmt, ast.Assign) or len(stmt.targets) != 1 or not isinstance(stmt.targets[0], ast.Name):
             raise ConfigError(f"{where}: only 'name = value' statements are allowed")
         values[stmt.targets[0].id] = _value(stmt.value, where)

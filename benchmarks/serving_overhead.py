@@ -104,15 +104,14 @@ def http_cost(n_sessions: int = 32, chunks_per_session: int = 30) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = Settings(host="127.0.0.1", port=port, log_level="warning", max_batch=64).validate()
-    service = InferenceService(settings)
-    service.batcher = MicroBatcher(StubRunner(), max_batch=64, max_wait_s=0.002).start()
-    service.model_info = None
-    app = create_app(settings, service)
-
-    # The server runs in a child process so its CPU time can be read alone.
+    # The server runs in a child process so its CPU time can be read alone;
+    # it builds its threads (batcher, pools) after the fork.
     pid = os.fork()
     if pid == 0:
+        settings = Settings(host="127.0.0.1", port=port, log_level="warning", max_batch=64).validate()
+        service = InferenceService(settings)
+        service.batcher = MicroBatcher(StubRunner(), max_batch=64, max_wait_s=0.002).start()
+        app = create_app(settings, service)
         app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
         os._exit(0)
     chunks = speech_chunks(8)

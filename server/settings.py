@@ -99,7 +99,7 @@ def _coerce(name: str, value: Any) -> Any:
         if kind is float:
             return float(value)
         return str(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ConfigError) as exc:
         raise ConfigError(f"setting {name}: {exc}") from None
 
 

@@ -9,12 +9,12 @@ from a2e import audio
 from a2e.errors import AudioError, AudioTooLongError
 from tests.conftest import DATA, wav_bytes
 
-# name: (source rate, source frames, frames after resampling to 16 kHz)
+# name: (source rate, source frames, samples after resampling to 16 kHz)
 CLIPS = {
-    "BarackObama_english.wav": (16000, 127925),
-    "FangXiao_japanese.wav": (48000, 468864),
-    "LinJing_TTS_chinese.wav": (48000, None),  # MP3: frame count depends on the decoder's gapless handling
-    "Nangyanwen_chinese.wav": (44100, 712792),
+    "BarackObama_english.wav": (16000, 127925, 127925),  # 8.00 s, stereo
+    "FangXiao_japanese.wav": (48000, 468864, 156288),  # 9.77 s, stereo
+    "LinJing_TTS_chinese.wav": (48000, 293760, 97920),  # 6.12 s, an MP3 named .wav
+    "Nangyanwen_chinese.wav": (44100, 712792, 258609),  # 16.16 s, stereo
 }
 
 
@@ -22,14 +22,13 @@ CLIPS = {
 def test_shared_clips_decode_and_resample(name):
     data = (DATA / name).read_bytes()
     mono, sr = audio.decode(data)
-    want_sr, want_frames = CLIPS[name]
+    want_sr, want_frames, want_16k = CLIPS[name]
     assert sr == want_sr
     assert mono.ndim == 1 and mono.dtype == np.float32
-    if want_frames is not None:
-        assert len(mono) == want_frames
+    assert len(mono) == want_frames
     out = audio.load(data)
     assert out.dtype == np.float32
-    assert abs(len(out) - round(len(mono) * 16000 / sr)) <= 1
+    assert len(out) == want_16k
     assert 0.05 < np.abs(out).max() <= 1.0
 
 
