@@ -51,6 +51,12 @@ class ChunkResult:
     start_time: float  # session time of the chunk's first frame
 
 
+def _session_metrics(active: int, expired: int) -> None:
+    metrics.SESSIONS_ACTIVE.set(active)
+    if expired:
+        metrics.SESSIONS_EXPIRED.inc(expired)
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,7 +66,7 @@ def resolve_device(name: str) -> str:
 class InferenceService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)
+        self.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s, _session_metrics)
         self.batcher: MicroBatcher | None = None
         self.model_info: ModelInfo | None = None
         self.not_ready_reason = "model not loaded yet"
@@ -166,21 +172,15 @@ class InferenceService:
     def open_session(self, identity: int, seed: int | None, mode: str) -> Session:
         rng = np.random.default_rng(seed if seed is not None else secrets.randbits(64))
         state = streaming.StreamState(identity=identity, rng=rng, mode=streaming.ContextMode(mode))
-        session = self.sessions.create(state)
-        metrics.SESSIONS_ACTIVE.set(len(self.sessions))
-        return session
+        return self.sessions.create(state)
 
     def close_session(self, session_id: str) -> Session | None:
-        session = self.sessions.close(session_id)
-        metrics.SESSIONS_ACTIVE.set(len(self.sessions))
-        return session
+        return self.sessions.close(session_id)
 
     def expire_sessions(self) -> int:
         n = self.sessions.expire()
         if n:
-            metrics.SESSIONS_EXPIRED.inc(n)
             log.info("expired %d idle session(s)", n)
-        metrics.SESSIONS_ACTIVE.set(len(self.sessions))
         return n
 
     async def stream_chunk(self, session: Session, data: bytes) -> ChunkResult:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -68,11 +68,14 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, max_sessions: int, idle_timeout_s: float) -> None:
+    def __init__(
+        self, max_sessions: int, idle_timeout_s: float, on_change: Callable[[int, int], None] | None = None
+    ) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self._sessions: dict[str, Session] = {}
-        self.expired_total = 0
+        # Told (open sessions, newly expired) whenever either changes.
+        self._on_change = on_change or (lambda active, expired: None)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -87,13 +90,14 @@ class SessionStore:
             )
         session = Session(id=str(uuid.uuid4()), state=state)
         self._sessions[session.id] = session
+        self._on_change(len(self._sessions), 0)
         return session
 
     def get(self, session_id: str) -> Session | None:
         session = self._sessions.get(session_id)
         if session is not None and self._is_idle(session, time.monotonic()):
             self._drop(session)
-            self.expired_total += 1
+            self._on_change(len(self._sessions), 1)
             return None
         return session
 
@@ -101,6 +105,7 @@ class SessionStore:
         session = self._sessions.get(session_id)
         if session is not None:
             self._drop(session)
+            self._on_change(len(self._sessions), 0)
         return session
 
     def _is_idle(self, session: Session, now: float) -> bool:
@@ -116,9 +121,11 @@ class SessionStore:
         idle = [s for s in self._sessions.values() if self._is_idle(s, now)]
         for s in idle:
             self._drop(s)
-        self.expired_total += len(idle)
+        if idle:
+            self._on_change(len(self._sessions), len(idle))
         return len(idle)
 
     def clear(self) -> None:
         for s in list(self._sessions.values()):
             self._drop(s)
+        self._on_change(0, 0)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from sanic_testing.testing import SanicASGITestClient
 
 from app import create_app
@@ -272,7 +273,10 @@ async def test_session_cap_and_idle_expiry(checkpoint, config_file):
         _, res = await client.post("/api/infer_stream_init", json={})
         assert res.status == 429 and "limit of 2" in res.json["detail"] and res.headers["retry-after"]
         await asyncio.sleep(0.3)
+        before = REGISTRY.get_sample_value("a2e_sessions_expired_total") or 0
         assert service.expire_sessions() == 2
+        assert REGISTRY.get_sample_value("a2e_sessions_expired_total") == before + 2
+        assert REGISTRY.get_sample_value("a2e_sessions_active") == 0
         _, res = await client.post(
             "/api/infer_stream_chunk", data={"session_id": ids[0]}, files={"audio_chunk": ("c.wav", one_second_wav())}
         )
