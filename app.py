@@ -20,12 +20,13 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from a2e.errors import A2EError, AudioError, AudioTooLongError, CheckpointError
+from a2e.separation import SeparationUnavailable
 from batching import BatcherStopped, QueueFull
 from server import metrics, responses
 from server.forms import RequestError
 from server.logs import configure_logging
 from server.routes import bp
-from server.service import InferenceService
+from server.service import InferenceService, SeparationBusy
 from server.sessions import SessionLimitReached
 from server.settings import Settings, load_settings
 
@@ -45,6 +46,10 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         return responses.error(503, str(exc), {"Retry-After": str(int(exc.retry_after_s + 0.999))})
     if isinstance(exc, SessionLimitReached):
         return responses.error(429, str(exc), {"Retry-After": "5"})
+    if isinstance(exc, SeparationUnavailable):
+        return responses.error(503, f"vocal isolation (ex_vol=true) is unavailable: {exc}", {"Retry-After": "300"})
+    if isinstance(exc, SeparationBusy):
+        return responses.error(503, str(exc), {"Retry-After": "10"})
     if isinstance(exc, BatcherStopped):
         return responses.error(503, f"Model not loaded: {exc}")
     if isinstance(exc, SanicException):
@@ -73,8 +78,11 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> S
     @app.before_server_start
     async def load_model(app: Sanic) -> None:
         svc: InferenceService = app.ctx.service
+        loop = asyncio.get_running_loop()
         if not svc.ready:
-            await asyncio.get_running_loop().run_in_executor(None, svc.load)
+            await loop.run_in_executor(None, svc.load)
+        if settings.separation_preload:
+            await loop.run_in_executor(None, svc.preload_separator)
         app.add_task(_expire_sessions(svc), name="expire_sessions")
 
     @app.after_server_stop

@@ -24,8 +24,9 @@ _HEADER_SLACK = 1.05
 _RMS_BLOCK = 2048
 
 
-def decode(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """Decode ``data`` to a mono float32 array at its own sample rate.
+def decode(data: bytes, max_seconds: float | None = None, mono: bool = True) -> tuple[np.ndarray, int]:
+    """Decode ``data`` to a mono float32 array at its own sample rate
+    (``[channels, N]`` when ``mono`` is false).
 
     Raises AudioError (empty, undecodable, no samples, non-finite) or
     AudioTooLongError (longer than ``max_seconds``).
@@ -46,10 +47,12 @@ def decode(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, i
         raise AudioError("audio has no samples")
     if not np.isfinite(samples).all():
         raise AudioError("audio contains non-finite samples (NaN or infinity)")
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    if max_seconds is not None and len(mono) / sr > max_seconds:
-        raise AudioTooLongError(f"audio is {len(mono) / sr:.1f} s long; the limit is {max_seconds:g} s")
-    return np.ascontiguousarray(mono, dtype=np.float32), sr
+    if max_seconds is not None and len(samples) / sr > max_seconds:
+        raise AudioTooLongError(f"audio is {len(samples) / sr:.1f} s long; the limit is {max_seconds:g} s")
+    if not mono:
+        return np.ascontiguousarray(samples.T, dtype=np.float32), sr
+    out = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    return np.ascontiguousarray(out, dtype=np.float32), sr
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:

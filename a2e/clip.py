@@ -20,6 +20,7 @@ import numpy as np
 
 from .audio import rms_volume
 from .backend import Backend
+from .loudness import DEFAULT_TARGET_LUFS, LoudnessMode, db_to_gain, gain_db_for, integrated_loudness
 from .constants import FPS, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES, frame_count
 from .postprocess import postprocess_clip
 
@@ -75,8 +76,22 @@ def infer_clip(
     movement_smooth: bool = False,
     brow_movement: bool = False,
     max_single_pass_seconds: float = 60.0,
+    loudness: LoudnessMode = LoudnessMode.OFF,
+    target_lufs: float = DEFAULT_TARGET_LUFS,
 ) -> np.ndarray:
-    """Post-processed ``[T, 52]`` animation of a whole 16 kHz clip."""
+    """Post-processed ``[T, 52]`` animation of a whole 16 kHz clip.
+
+    ``loudness`` other than ``off`` measures the clip's integrated loudness
+    and scales the gates' volume (``gates``) or the model input (``normalize``)
+    as if the clip were at ``target_lufs`` (see ``a2e.loudness``).
+    """
+    gain = 1.0
+    if loudness is not LoudnessMode.OFF:
+        gain = db_to_gain(gain_db_for(integrated_loudness(audio), target_lufs))
+    if loudness is LoudnessMode.NORMALIZE:
+        audio = np.clip(audio * gain, -1.0, 1.0)
     raw = infer_raw(backend, audio, identity, max_single_pass_seconds)
     volume = rms_volume(audio)
+    if loudness is LoudnessMode.GATES:
+        volume = volume * gain
     return postprocess_clip(raw, volume, rng, movement_smooth=movement_smooth, brow=brow_movement)

@@ -16,6 +16,9 @@ Context modes:
 * ``reference``: every window is zeros followed by the chunk, reproducing the
   reference implementation (whose context flag is never cleared) and so its
   published outputs. Post-processing context is kept in both modes.
+
+With a loudness mode on (``a2e.loudness``), the session keeps one level
+estimate that moves slowly from chunk to chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 from . import postprocess
 from .audio import rms_volume
 from .backend import Backend
+from .loudness import LoudnessMode, StreamLoudness
 from .constants import SAMPLE_RATE, VOLUME_HOP, WINDOW_FRAMES, WINDOW_SAMPLES
 
 # Sub-chunks are multiples of 0.1 s (3 frames) so their frame counts add up
@@ -51,6 +55,8 @@ class StreamState:
     previous_frames: np.ndarray | None = None  # last <= 64 post-processed frames
     previous_volume: np.ndarray | None = None
     frames_sent: int = 0
+    loudness_mode: LoudnessMode = LoudnessMode.OFF
+    loudness: StreamLoudness | None = None  # the session's level estimate, when a mode is on
 
 
 @dataclass
@@ -79,8 +85,17 @@ def _chunk_volume(piece: np.ndarray, frames: int) -> np.ndarray:
 
 def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
     """Build the model windows for a 16 kHz chunk and advance the audio context."""
+    audio = np.asarray(audio, dtype=np.float32)
+    gain = 1.0
+    if state.loudness_mode is not LoudnessMode.OFF:
+        if state.loudness is None:
+            state.loudness = StreamLoudness()
+        gain = state.loudness.update(audio)
+    if state.loudness_mode is LoudnessMode.NORMALIZE:
+        audio = np.clip(audio * gain, -1.0, 1.0)
+    volume_gain = gain if state.loudness_mode is LoudnessMode.GATES else 1.0
     plans = []
-    for piece in split_chunk(np.asarray(audio, dtype=np.float32)):
+    for piece in split_chunk(audio):
         keep = WINDOW_SAMPLES - len(piece)
         if state.mode is ContextMode.CONTINUOUS and state.previous_audio is not None:
             head = state.previous_audio[len(state.previous_audio) - keep :] if keep else state.previous_audio[:0]
@@ -89,7 +104,8 @@ def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
         window = np.concatenate([head, piece]).astype(np.float32, copy=False)
         state.previous_audio = window
         start = int(WINDOW_FRAMES - len(piece) / SAMPLE_RATE * 30)
-        plans.append(ChunkPlan(window, start, _chunk_volume(piece, WINDOW_FRAMES - start), len(piece)))
+        volume = _chunk_volume(piece, WINDOW_FRAMES - start) * np.float32(volume_gain)
+        plans.append(ChunkPlan(window, start, volume, len(piece)))
     return plans
 
 

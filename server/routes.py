@@ -14,6 +14,8 @@ from sanic import Blueprint
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
+from a2e.loudness import LoudnessMode
+
 from . import forms, responses
 from .service import InferenceService
 
@@ -32,6 +34,14 @@ def _service(request: Request) -> InferenceService:
 def _require_model(service: InferenceService) -> None:
     if not service.ready:
         raise forms.RequestError(503, f"Model not loaded: {service.not_ready_reason}")
+
+
+def _loudness(value: object, service: InferenceService) -> LoudnessMode:
+    text = str(value).strip().lower() if value not in (None, "") else service.settings.loudness
+    try:
+        return LoudnessMode(text)
+    except ValueError:
+        raise forms.RequestError(422, f"loudness must be off, gates or normalize, got {value!r}") from None
 
 
 def _identity(service: InferenceService, value: object) -> int:
@@ -95,6 +105,8 @@ async def health(request: Request) -> HTTPResponse:
             "max_queue_windows": s.max_queue,
         },
         "default_context_mode": s.context_mode,
+        "vocal_isolation": service.separator.status,
+        "loudness": {"default": s.loudness, "target_lufs": s.loudness_target_lufs},
     }
     return responses.json_response(body)
 
@@ -109,18 +121,24 @@ async def infer(request: Request) -> HTTPResponse:
     movement_smooth = forms.parse_bool(forms.form_field(request, "movement_smooth"), "movement_smooth", False)
     brow = forms.parse_bool(forms.form_field(request, "brow_movement"), "brow_movement", False)
     seed = forms.parse_int(forms.form_field(request, "seed"), "seed", None, 0, 2**63 - 1)
+    loudness = _loudness(forms.form_field(request, "loudness"), service)
     data = forms.file_field(request, "audio_file")
-    if ex_vol:
-        raise forms.RequestError(
-            503,
-            "vocal isolation (ex_vol=true) is not available on this server yet; "
-            "send ex_vol=false, or separate the vocals before uploading",
-        )
     frames, seconds = await service.infer_clip(
-        data, identity, movement_smooth=movement_smooth, brow_movement=brow, seed=seed
+        data,
+        identity,
+        movement_smooth=movement_smooth,
+        brow_movement=brow,
+        seed=seed,
+        ex_vol=ex_vol,
+        loudness=loudness,
     )
     body = responses.animation(
-        frames, inference_time=time.perf_counter() - started, audio_length=seconds, id_idx=identity
+        frames,
+        inference_time=time.perf_counter() - started,
+        audio_length=seconds,
+        id_idx=identity,
+        ex_vol=ex_vol,
+        loudness=loudness.value,
     )
     return await _encode(service, body, len(frames))
 
@@ -135,7 +153,10 @@ async def stream_init(request: Request) -> HTTPResponse:
     mode = body.get("context_mode") or service.settings.context_mode
     if mode not in ("continuous", "reference"):
         raise forms.RequestError(422, f"context_mode must be 'continuous' or 'reference', got {mode!r}")
-    session = service.open_session(identity, seed, mode)
+    if mode == "reference" and body.get("loudness") not in (None, "", "off"):
+        raise forms.RequestError(422, "the reference context mode reproduces the reference exactly: loudness must be off")
+    loudness = _loudness(body.get("loudness"), service)
+    session = service.open_session(identity, seed, mode, loudness)
     return responses.json_response(
         {
             "session_id": session.id,
@@ -143,6 +164,7 @@ async def stream_init(request: Request) -> HTTPResponse:
             "id_idx": identity,
             "context_mode": mode,
             "seed": seed,
+            "loudness": session.state.loudness_mode.value,
         }
     )
 

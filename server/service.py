@@ -6,6 +6,7 @@ and streaming paths. It speaks numpy and exceptions, not HTTP.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 import time
@@ -20,7 +21,9 @@ from a2e import clip, streaming
 from a2e.checkpoint import load_model
 from a2e.config import model_dims, read_config
 from a2e.constants import SAMPLE_RATE
-from a2e.errors import AudioError
+from a2e.errors import A2EError, AudioError
+from a2e.loudness import LoudnessMode, StreamLoudness
+from a2e.separation import SeparationUnavailable, VocalSeparator
 from batching import MicroBatcher, ModelRunner
 
 from . import metrics
@@ -30,6 +33,10 @@ from .settings import Settings
 log = logging.getLogger("a2e.service")
 
 MIN_CHUNK_SECONDS = 0.1
+
+
+class SeparationBusy(A2EError):
+    """Too many vocal-isolation requests are running or waiting."""
 
 
 @dataclass
@@ -74,6 +81,12 @@ class InferenceService:
         # Whole clips block a thread while their windows run; a pool of their
         # own keeps them from starving the decoding of streaming chunks.
         self.clip_pool = ThreadPoolExecutor(2, thread_name_prefix="a2e-clip")
+        # Separation is heavy: one worker, a short bounded wait list.
+        self.separator = VocalSeparator(
+            settings.separation_model, settings.separation_model_dir, resolve_device(settings.device)
+        )
+        self.separation_pool = ThreadPoolExecutor(1, thread_name_prefix="a2e-separation")
+        self._separation_waiting = 0
 
     # -- lifecycle -------------------------------------------------------
     @property
@@ -130,12 +143,18 @@ class InferenceService:
             time.perf_counter() - t0,
         )
 
+    def preload_separator(self) -> None:
+        try:
+            self.separator.load()
+        except SeparationUnavailable:
+            pass  # logged; ex_vol requests get the reason
+
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
         self.sessions.clear()
-        self.io_pool.shutdown(wait=False, cancel_futures=True)
-        self.clip_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.io_pool, self.clip_pool, self.separation_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def num_identities(self) -> int:
@@ -145,11 +164,37 @@ class InferenceService:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
     # -- whole clips -------------------------------------------------------
+    async def _isolate_vocals(self, data: bytes) -> np.ndarray:
+        """Decode, separate the vocals (own worker, bounded wait list), resample to 16 kHz."""
+        if self._separation_waiting >= self.settings.separation_queue:
+            raise SeparationBusy(
+                f"vocal isolation is busy ({self._separation_waiting} requests running or waiting); retry later"
+            )
+        self._separation_waiting += 1
+        try:
+            channels, sr = await self._in_io(lambda: audio_io.decode(data, self.settings.separation_max_s, mono=False))
+            loop = asyncio.get_running_loop()
+            voice = await loop.run_in_executor(self.separation_pool, self.separator.vocals, channels, sr)
+        finally:
+            self._separation_waiting -= 1
+        return audio_io.resample(voice, sr)
+
     async def infer_clip(
-        self, data: bytes, identity: int, *, movement_smooth: bool, brow_movement: bool, seed: int | None
+        self,
+        data: bytes,
+        identity: int,
+        *,
+        movement_smooth: bool,
+        brow_movement: bool,
+        seed: int | None,
+        ex_vol: bool = False,
+        loudness: LoudnessMode = LoudnessMode.OFF,
     ) -> tuple[np.ndarray, float]:
         assert self.batcher is not None
-        audio = await self._in_io(audio_io.load, data, self.settings.max_audio_s)
+        if ex_vol:
+            audio = await self._isolate_vocals(data)
+        else:
+            audio = await self._in_io(audio_io.load, data, self.settings.max_audio_s)
         rng = np.random.default_rng(seed)
         frames = await asyncio.get_running_loop().run_in_executor(
             self.clip_pool,
@@ -161,6 +206,8 @@ class InferenceService:
                 movement_smooth=movement_smooth,
                 brow_movement=brow_movement,
                 max_single_pass_seconds=self.settings.single_pass_max_s,
+                loudness=loudness,
+                target_lufs=self.settings.loudness_target_lufs,
             ),
         )
         seconds = len(audio) / SAMPLE_RATE
@@ -169,9 +216,20 @@ class InferenceService:
         return frames, seconds
 
     # -- streaming -----------------------------------------------------------
-    def open_session(self, identity: int, seed: int | None, mode: str) -> Session:
+    def open_session(
+        self, identity: int, seed: int | None, mode: str, loudness: LoudnessMode = LoudnessMode.OFF
+    ) -> Session:
         rng = np.random.default_rng(seed if seed is not None else secrets.randbits(64))
-        state = streaming.StreamState(identity=identity, rng=rng, mode=streaming.ContextMode(mode))
+        context = streaming.ContextMode(mode)
+        state = streaming.StreamState(
+            identity=identity,
+            rng=rng,
+            mode=context,
+            # The reference mode reproduces the reference: never level-adjusted.
+            loudness_mode=LoudnessMode.OFF if context is streaming.ContextMode.REFERENCE else loudness,
+        )
+        if state.loudness_mode is not LoudnessMode.OFF:
+            state.loudness = StreamLoudness(self.settings.loudness_target_lufs)
         return self.sessions.create(state)
 
     def close_session(self, session_id: str) -> Session | None:
@@ -200,14 +258,14 @@ class InferenceService:
         state = session.state
         try:
             async with session.turn(ticket, "plan"):
-                saved_audio = state.previous_audio
+                saved = (state.previous_audio, copy.deepcopy(state.loudness))
                 plans = streaming.plan_chunk(state, audio)
                 try:
                     future = self.batcher.submit_windows(
                         np.stack([p.window for p in plans]), np.full(len(plans), state.identity)
                     )
                 except BaseException:
-                    state.previous_audio = saved_audio  # nothing ran: the context stays as it was
+                    state.previous_audio, state.loudness = saved  # nothing ran: the context stays as it was
                     raise
             model_out = await asyncio.wrap_future(future)
         except BaseException:

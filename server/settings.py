@@ -43,6 +43,13 @@ class Settings:
     max_queue: int = field(default=512, metadata={"help": "windows waiting for the model at most; beyond it 503 + Retry-After"})
     cuda_graphs: bool = field(default=True, metadata={"help": "capture CUDA graphs per batch size (CUDA only)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model before capture"})
+    loudness: str = field(default="off", metadata={"help": "level robustness: off (the reference), gates or normalize"})
+    loudness_target_lufs: float = field(default=-21.0, metadata={"help": "target loudness for the gates/normalize modes (LUFS)"})
+    separation_model: str = field(default="htdemucs", metadata={"help": "Demucs model for ex_vol=true"})
+    separation_model_dir: str | None = field(default=None, metadata={"help": "local directory with the Demucs model files (else Demucs downloads them on first use)"})
+    separation_preload: bool = field(default=False, metadata={"help": "load the separation model at start-up instead of on first use"})
+    separation_max_s: float = field(default=120.0, metadata={"help": "longest audio for ex_vol=true (seconds)"})
+    separation_queue: int = field(default=4, metadata={"help": "ex_vol requests running or waiting at most; beyond it 503"})
     cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     io_workers: int = field(default=4, metadata={"help": "threads for decoding, post-processing and serialisation"})
 
@@ -51,12 +58,14 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.context_mode not in ("continuous", "reference"):
             raise ConfigError(f"context_mode must be 'continuous' or 'reference', got {self.context_mode!r}")
+        if self.loudness not in ("off", "gates", "normalize"):
+            raise ConfigError(f"loudness must be off, gates or normalize, got {self.loudness!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
-        for name in ("max_sessions", "max_batch", "max_queue", "io_workers"):
+        for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        for name in ("session_idle_timeout_s", "max_upload_mb", "max_audio_s", "max_chunk_s", "single_pass_max_s"):
+        for name in ("session_idle_timeout_s", "max_upload_mb", "max_audio_s", "max_chunk_s", "single_pass_max_s", "separation_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         return self

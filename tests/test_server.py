@@ -18,6 +18,7 @@ from tests.conftest import ENGLISH, MP3_AS_WAV, speech_like, wav_bytes
 
 
 def make_app(checkpoint, config_file, **overrides):
+    overrides.setdefault("separation_model_dir", str(config_file.parent))  # no Demucs model there: offline, fast
     settings = Settings(config_file=str(config_file), weight=str(checkpoint), **overrides).validate()
     service = InferenceService(settings)
     service.load()
@@ -191,6 +192,7 @@ BAD_INFER = [
     ({"audio_file": ("a.wav", wav_bytes(speech_like(1)))}, {"movement_smooth": "maybe"}, 422, "boolean"),
     ({}, {"id_idx": "0"}, 422, "missing file field 'audio_file'"),
     ({"audio_file": ("a.wav", wav_bytes(speech_like(1)))}, {"ex_vol": "true"}, 503, "vocal isolation"),
+    ({"audio_file": ("a.wav", wav_bytes(speech_like(1)))}, {"loudness": "loud"}, 422, "loudness"),
 ]
 
 
