@@ -20,8 +20,8 @@ import numpy as np
 
 from .audio import rms_volume
 from .backend import Backend
-from .loudness import DEFAULT_TARGET_LUFS, LoudnessMode, db_to_gain, gain_db_for, integrated_loudness
 from .constants import FPS, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES, frame_count
+from .loudness import DEFAULT_TARGET_LUFS, LoudnessMode, db_to_gain, gain_db_for, integrated_loudness
 from .postprocess import postprocess_clip
 
 HOP_SAMPLES = SAMPLE_RATE  # 1 s

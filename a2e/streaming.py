@@ -23,7 +23,7 @@ estimate that moves slowly from chunk to chunk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -31,8 +31,8 @@ import numpy as np
 from . import postprocess
 from .audio import rms_volume
 from .backend import Backend
-from .loudness import LoudnessMode, StreamLoudness
 from .constants import SAMPLE_RATE, VOLUME_HOP, WINDOW_FRAMES, WINDOW_SAMPLES
+from .loudness import LoudnessMode, StreamLoudness
 
 # Sub-chunks are multiples of 0.1 s (3 frames) so their frame counts add up
 # to the frame count of the whole chunk.
@@ -64,7 +64,7 @@ class ChunkPlan:
     window: np.ndarray  # [WINDOW_SAMPLES] float32
     start_frame: int  # first model frame that belongs to this chunk
     volume: np.ndarray  # one value per new frame
-    samples: int = field(default=0)
+    samples: int = 0
 
     @property
     def num_frames(self) -> int:

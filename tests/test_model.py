@@ -5,7 +5,6 @@ import math
 import pickle
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

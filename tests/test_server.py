@@ -4,7 +4,6 @@ checkpoint in the released key layout that the tests create."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 import pytest
