@@ -39,6 +39,7 @@ class TorchBackend:
         self.dtype = dtype
         self.model = model.to(self.device, dtype=dtype).eval()
         self.num_identities = model.dims.num_identity_classes
+        self._forward = self.model  # the batch path; a runner may compile it
 
     def one_hot(self, identities: np.ndarray | list[int]) -> torch.Tensor:
         ids = torch.as_tensor(np.asarray(identities, dtype=np.int64), device=self.device)
@@ -50,7 +51,7 @@ class TorchBackend:
         if windows.ndim != 2 or windows.shape[1] != WINDOW_SAMPLES:
             raise ValueError(f"windows must be [B, {WINDOW_SAMPLES}], got {windows.shape}")
         x = torch.from_numpy(windows).to(self.device, self.dtype)
-        out = self.model(x, self.one_hot(identities))
+        out = self._forward(x, self.one_hot(identities))
         assert out.shape[1] == WINDOW_FRAMES
         return out.float().cpu().numpy()
 

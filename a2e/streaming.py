@@ -64,7 +64,6 @@ class ChunkPlan:
     window: np.ndarray  # [WINDOW_SAMPLES] float32
     start_frame: int  # first model frame that belongs to this chunk
     volume: np.ndarray  # one value per new frame
-    samples: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -105,7 +104,7 @@ def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
         state.previous_audio = window
         start = int(WINDOW_FRAMES - len(piece) / SAMPLE_RATE * 30)
         volume = _chunk_volume(piece, WINDOW_FRAMES - start) * np.float32(volume_gain)
-        plans.append(ChunkPlan(window, start, volume, len(piece)))
+        plans.append(ChunkPlan(window, start, volume))
     return plans
 
 

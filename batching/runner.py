@@ -60,7 +60,6 @@ class ModelRunner(TorchBackend):
         self.buckets = default_buckets(max_batch)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.mode = "eager"
-        self._forward = self.model
         if compile:
             try:
                 self._forward = torch.compile(self.model, mode="max-autotune-no-cudagraphs", dynamic=False)
@@ -118,9 +117,7 @@ class ModelRunner(TorchBackend):
             raise ValueError(f"identity out of range 0..{self.num_identities - 1}")
         if not self.graphs:
             # Eager (CPU or fallback): one pass over the whole batch, no padding.
-            x = torch.from_numpy(windows).to(self.device, self.dtype)
-            out = self._forward(x, self.one_hot(identities))
-            return out.float().cpu().numpy()
+            return super().run_windows(windows, identities)
         result = np.empty((len(windows), WINDOW_FRAMES, NUM_BLENDSHAPES), dtype=np.float32)
         for start in range(0, len(windows), self.buckets[-1]):
             n = min(self.buckets[-1], len(windows) - start)

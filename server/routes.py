@@ -51,7 +51,7 @@ def _identity(service: InferenceService, value: object) -> int:
 async def _encode(service: InferenceService, body: dict, frames: int) -> HTTPResponse:
     if frames <= _INLINE_ENCODE_FRAMES:
         return responses.json_response(body)
-    return await service._in_io(responses.json_response, body)
+    return await service.run_io(responses.json_response, body)
 
 
 @bp.get("/")

@@ -28,7 +28,7 @@ from batching import MicroBatcher, ModelRunner
 
 from . import metrics
 from .sessions import Session, SessionStore
-from .settings import Settings
+from .settings import ROOT, Settings
 
 log = logging.getLogger("a2e.service")
 
@@ -108,7 +108,7 @@ class InferenceService:
         if s.cpu_threads > 0:
             torch.set_num_threads(s.cpu_threads)
         device = resolve_device(s.device)
-        dims = model_dims(config, base_dir=config_path.parent.parent if config_path else ".")
+        dims = model_dims(config, base_dir=ROOT)
         t0 = time.perf_counter()
         model = load_model(weights, dims, "cpu")
         params = sum(p.numel() for p in model.parameters())
@@ -160,7 +160,8 @@ class InferenceService:
     def num_identities(self) -> int:
         return self.model_info.num_identities if self.model_info else 0
 
-    async def _in_io(self, fn, *args):
+    async def run_io(self, fn, *args):
+        """Run ``fn`` on the I/O worker threads (decoding, encoding), off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
     # -- whole clips -------------------------------------------------------
@@ -172,7 +173,7 @@ class InferenceService:
             )
         self._separation_waiting += 1
         try:
-            channels, sr = await self._in_io(lambda: audio_io.decode(data, self.settings.separation_max_s, mono=False))
+            channels, sr = await self.run_io(lambda: audio_io.decode(data, self.settings.separation_max_s, mono=False))
             loop = asyncio.get_running_loop()
             voice = await loop.run_in_executor(self.separation_pool, self.separator.vocals, channels, sr)
         finally:
@@ -194,7 +195,7 @@ class InferenceService:
         if ex_vol:
             audio = await self._isolate_vocals(data)
         else:
-            audio = await self._in_io(audio_io.load, data, self.settings.max_audio_s)
+            audio = await self.run_io(audio_io.load, data, self.settings.max_audio_s)
         rng = np.random.default_rng(seed)
         frames = await asyncio.get_running_loop().run_in_executor(
             self.clip_pool,
@@ -246,7 +247,7 @@ class InferenceService:
         assert self.batcher is not None
         ticket = session.ticket()
         try:
-            audio = await self._in_io(audio_io.load, data, self.settings.max_chunk_s)
+            audio = await self.run_io(audio_io.load, data, self.settings.max_chunk_s)
             if len(audio) < MIN_CHUNK_SECONDS * SAMPLE_RATE:
                 raise AudioError(
                     f"audio chunk too short: {len(audio)} samples at 16 kHz ({len(audio) / SAMPLE_RATE:.3f} s); "

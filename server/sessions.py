@@ -30,7 +30,6 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     chunks_done: int = 0
-    closed: bool = False
     _next_ticket: int = 0
     _planned: int = 0
     _finished: int = 0
@@ -112,7 +111,6 @@ class SessionStore:
         return session.in_flight == 0 and now - session.last_used > self.idle_timeout_s
 
     def _drop(self, session: Session) -> None:
-        session.closed = True
         self._sessions.pop(session.id, None)
 
     def expire(self) -> int:
