@@ -44,7 +44,10 @@ def decode(data: bytes, max_seconds: float | None = None, mono: bool = True) -> 
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # libsndfile's message names the in-memory file object; keep only its reason.
         reason = str(exc).rsplit(">: ", 1)[-1]
-        raise AudioError(f"audio could not be decoded (supported: WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3): {reason}") from None
+        raise AudioError(
+            f"audio could not be decoded (supported: WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3; raw PCM needs a "
+            f"header, e.g. write it as WAV): {reason}"
+        ) from None
     if samples.size == 0 or sr <= 0:
         raise AudioError("audio has no samples")
     if not np.isfinite(samples).all():

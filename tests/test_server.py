@@ -354,3 +354,29 @@ async def test_metrics_endpoint(client):
     ):
         assert name in text, name
     assert 'endpoint="/api/health"' in text
+
+
+async def test_long_clip_runs_in_windows_beside_streams(checkpoint, config_file):
+    """A clip past single_pass_max_s goes through the batcher as windows while
+    streaming sessions keep being served."""
+    app, service = make_app(checkpoint, config_file, single_pass_max_s=2)
+    client = SanicASGITestClient(app)
+    try:
+        _, res = await client.post("/api/infer_stream_init", json={})
+        sid = res.json["session_id"]
+        stereo_44k = wav_bytes(np.stack([speech_like(1.0, 44100), speech_like(1.0, 44100, seed=1)], 1), 44100)
+
+        async def chunk():
+            return await client.post(
+                "/api/infer_stream_chunk", data={"session_id": sid}, files={"audio_chunk": ("c.wav", stereo_44k)}
+            )
+
+        clip_req = client.post("/api/infer", files={"audio_file": ("long.wav", wav_bytes(speech_like(12.0)))})
+        results = await asyncio.gather(clip_req, chunk(), chunk())
+        clip_res, c1, c2 = (r for _, r in results)
+        assert clip_res.status == 200 and clip_res.json["metadata"]["frame_count"] == 360
+        assert sorted([c1.json["metadata"]["chunk_index"], c2.json["metadata"]["chunk_index"]]) == [1, 2]
+        assert c1.json["metadata"]["frame_count"] == 30  # 1 s at 44.1 kHz stereo
+        assert REGISTRY.get_sample_value("a2e_batch_windows_count") > 0
+    finally:
+        service.close()
