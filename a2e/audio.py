@@ -33,6 +33,9 @@ def decode(data: bytes, max_seconds: float | None = None, mono: bool = True) -> 
     """
     if not data:
         raise AudioError("audio is empty (0 bytes)")
+    fast = _read_plain_wav(data)
+    if fast is not None:
+        return _finish(*fast, max_seconds, mono)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             sr = int(f.samplerate)
@@ -48,6 +51,10 @@ def decode(data: bytes, max_seconds: float | None = None, mono: bool = True) -> 
             f"audio could not be decoded (supported: WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3; raw PCM needs a "
             f"header, e.g. write it as WAV): {reason}"
         ) from None
+    return _finish(samples, sr, max_seconds, mono)
+
+
+def _finish(samples: np.ndarray, sr: int, max_seconds: float | None, mono: bool) -> tuple[np.ndarray, int]:
     if samples.size == 0 or sr <= 0:
         raise AudioError("audio has no samples")
     if not np.isfinite(samples).all():
@@ -58,6 +65,56 @@ def decode(data: bytes, max_seconds: float | None = None, mono: bool = True) -> 
         return np.ascontiguousarray(samples.T, dtype=np.float32), sr
     out = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     return np.ascontiguousarray(out, dtype=np.float32), sr
+
+
+_WAV_INT = {1: (np.uint8, 128.0, 128.0), 2: (np.dtype("<i2"), 0.0, 32768.0), 4: (np.dtype("<i4"), 0.0, 2147483648.0)}
+
+
+def _read_plain_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+    """Plain RIFF/WAVE (PCM 8/16/24/32-bit or float) read straight from the bytes.
+
+    Streaming clients send small WAV chunks by the thousand; libsndfile reads
+    from memory through Python callbacks, which costs more than the whole
+    decode. Anything unusual returns None and goes to libsndfile instead.
+    Conversion to float matches libsndfile's (x / 2**(bits-1)).
+    """
+    if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, fmt, payload = 12, None, None
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = pos + 8
+        if cid == b"fmt " and size >= 16:
+            fmt = data[body : body + min(size, 40)]
+        elif cid == b"data":
+            payload = data[body : body + size] if body + size <= len(data) else data[body:]
+            break
+        pos = body + size + (size & 1)
+    if fmt is None or payload is None:
+        return None
+    tag = int.from_bytes(fmt[0:2], "little")
+    channels = int.from_bytes(fmt[2:4], "little")
+    sr = int.from_bytes(fmt[4:8], "little")
+    bits = int.from_bytes(fmt[14:16], "little")
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format says PCM or float
+        tag = int.from_bytes(fmt[24:26], "little")
+    width = bits // 8
+    if channels < 1 or sr <= 0 or bits % 8 or width == 0:
+        return None
+    usable = len(payload) - len(payload) % (width * channels)
+    raw = payload[:usable]
+    if tag == 3 and bits in (32, 64):
+        x = np.frombuffer(raw, dtype="<f4" if bits == 32 else "<f8").astype(np.float32)
+    elif tag == 1 and width in _WAV_INT:
+        dtype, offset, scale = _WAV_INT[width]
+        x = ((np.frombuffer(raw, dtype=dtype).astype(np.float32) - offset) / scale).astype(np.float32)
+    elif tag == 1 and width == 3:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        v = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8  # sign-extend through the top byte
+        x = (v.astype(np.float32) / 2147483648.0).astype(np.float32)
+    else:
+        return None
+    return x.reshape(-1, channels), sr
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:

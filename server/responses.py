@@ -11,12 +11,15 @@ from sanic.response import HTTPResponse
 from a2e.constants import ARKIT_NAMES, FPS, NUM_BLENDSHAPES
 
 NAMES = list(ARKIT_NAMES)
+# Weights are sent with 6 decimals: 100x finer than the 1e-4 the outputs are
+# reproduced to, and half the bytes (and less encoding time) of full doubles.
+DECIMALS = 6
 
 
 def animation(frames: np.ndarray, **metadata: Any) -> dict[str, Any]:
     """``{"names", "metadata", "frames": [{"weights", "time", "rotation"}]}``; ``time``
     counts from the first frame given (chunk-relative for streaming)."""
-    weights = np.asarray(frames, dtype=np.float64).tolist()
+    weights = np.round(np.asarray(frames, dtype=np.float64), DECIMALS).tolist()
     return {
         "names": NAMES,
         "metadata": {"fps": float(FPS), "frame_count": len(weights), "blendshape_count": NUM_BLENDSHAPES, **metadata},

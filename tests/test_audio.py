@@ -1,9 +1,11 @@
 """Decoding by content, resampling, volume, and typed rejection of bad input."""
 
+import io
 import math
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from a2e import audio
 from a2e.errors import AudioError, AudioTooLongError
@@ -124,3 +126,33 @@ def test_rms_volume_short_frame_for_short_chunks():
     assert len(vol) == math.ceil(300 / 16000 * 30)
     assert vol[0] == pytest.approx(math.sqrt(0.25 * 150 / 300), rel=1e-5)
 
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_plain_wav_fast_path_equals_libsndfile(subtype, channels):
+    rng = np.random.default_rng(channels)
+    x = np.clip(rng.standard_normal((4801, channels)) * 0.3, -1, 1).astype(np.float32)
+    data = wav_bytes(x, 22050, subtype=subtype)
+    fast = audio._read_plain_wav(data)
+    assert fast is not None  # 3 channels are written as WAVE_FORMAT_EXTENSIBLE
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        want = f.read(dtype="float32", always_2d=True)
+    assert fast[1] == 22050
+    assert fast[0].shape == want.shape
+    assert np.array_equal(fast[0], want)
+
+
+def test_fast_path_skips_extra_chunks_and_falls_back_when_unsure():
+    x = (np.sin(np.arange(1600) / 10) * 0.5).astype(np.float32)
+    data = wav_bytes(x, subtype="PCM_16")
+    # a LIST chunk before the data chunk, as some recorders write
+    fmt_end = 12 + 8 + int.from_bytes(data[16:20], "little")
+    extra = b"LIST" + (4).to_bytes(4, "little") + b"INFO"
+    patched = data[:fmt_end] + extra + data[fmt_end:]
+    patched = patched[:4] + (len(patched) - 8).to_bytes(4, "little") + patched[8:]
+    mono, sr = audio.decode(patched)
+    assert sr == 16000 and np.allclose(mono, audio.decode(data)[0])
+    assert audio._read_plain_wav(wav_bytes(x, fmt="FLAC")) is None
+    assert audio._read_plain_wav(wav_bytes(x, subtype="ULAW")) is None  # not PCM: libsndfile decodes it
+    assert len(audio.decode(wav_bytes(x, subtype="ULAW"))[0]) == 1600
