@@ -11,8 +11,8 @@ blink and brow timing) are the reference's, see the model spec, section 4.
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import label
-from scipy.signal import savgol_filter
+from scipy.ndimage import convolve1d, label
+from scipy.signal import savgol_coeffs
 
 from .constants import (
     BLINK_LENGTH,
@@ -116,10 +116,20 @@ def blend_chunk_start(
     return out
 
 
+_SAVGOL_COEFFS = {(SAVGOL_WINDOW, SAVGOL_ORDER): savgol_coeffs(SAVGOL_WINDOW, SAVGOL_ORDER)}
+
+
 def savgol_smooth(frames: np.ndarray, window: int = SAVGOL_WINDOW, order: int = SAVGOL_ORDER) -> np.ndarray:
-    """Savitzky-Golay along time (float64, mode "mirror"), clipped to [0, 1]."""
+    """Savitzky-Golay along time (float64, mode "mirror"), clipped to [0, 1].
+
+    The same computation as ``scipy.signal.savgol_filter(..., mode="mirror")``
+    with the filter's coefficients computed once instead of on every chunk.
+    """
     x = np.asarray(frames)
-    smoothed = savgol_filter(x.astype(np.float64), window, order, axis=0, mode="mirror")
+    key = (window, order)
+    if key not in _SAVGOL_COEFFS:
+        _SAVGOL_COEFFS[key] = savgol_coeffs(window, order)
+    smoothed = convolve1d(x.astype(np.float64), _SAVGOL_COEFFS[key], axis=0, mode="mirror")
     return np.clip(smoothed, 0.0, 1.0).astype(x.dtype)
 
 

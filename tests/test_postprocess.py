@@ -279,3 +279,10 @@ def test_pipelines_shapes_and_reproducibility():
     assert new.shape == (30, 52)
     first = pp.postprocess_chunk(None, None, raw[:3], vol[:3], np.random.default_rng(2))
     assert first.shape == (3, 52)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 94])
+def test_savgol_is_scipys_filter_exactly_at_every_length(n):
+    x = np.random.default_rng(n).random((n, 52)).astype(np.float32)
+    want = np.clip(savgol_filter(x.astype(np.float64), 5, 2, axis=0, mode="mirror"), 0, 1).astype(np.float32)
+    assert np.array_equal(pp.savgol_smooth(x), want)
