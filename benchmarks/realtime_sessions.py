@@ -3,6 +3,7 @@ N paced sessions each send a 1 s chunk every second; a session keeps real
 time when every answer arrives before its next chunk is due.
 
     python benchmarks/realtime_sessions.py --sessions 2 4 6 8 10 12 --max-batch 8 1
+    python benchmarks/realtime_sessions.py --sessions 100 200 400 --max-batch 32 1 --server-args "--model a2e-lite"
     python benchmarks/realtime_sessions.py --url http://127.0.0.1:8000 --sessions 100 200
 
 Without ``--url`` it starts the server itself (``app.py``, random weights of

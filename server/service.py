@@ -22,6 +22,7 @@ from a2e.checkpoint import load_model
 from a2e.config import model_dims, read_config
 from a2e.constants import SAMPLE_RATE
 from a2e.errors import A2EError, AudioError
+from a2e.lite import load_lite
 from a2e.loudness import LoudnessMode, StreamLoudness
 from a2e.separation import SeparationUnavailable, VocalSeparator
 from batching import MicroBatcher, ModelRunner
@@ -100,7 +101,11 @@ class InferenceService:
         s = self.settings
         config_path = s.resolve(s.config_file)
         config = read_config(config_path) if config_path and config_path.exists() else {}
-        weights = s.resolve(s.weight or config.get("weight"))
+        lam_weights = s.resolve(s.weight or config.get("weight"))
+        lite_weights = s.resolve(s.lite_weight)
+        lam_there = lam_weights is not None and lam_weights.exists()
+        use_lite = s.model == "a2e-lite" or (s.model == "auto" and not lam_there)
+        weights = lite_weights if use_lite else lam_weights
         if weights is None or not weights.exists():
             self.not_ready_reason = f"no model weights found at {weights or '(none configured)'}"
             log.warning("%s; serving without a model (inference answers 503). See pretrained_models/README.md", self.not_ready_reason)
@@ -108,9 +113,17 @@ class InferenceService:
         if s.cpu_threads > 0:
             torch.set_num_threads(s.cpu_threads)
         device = resolve_device(s.device)
-        dims = model_dims(config, base_dir=ROOT)
         t0 = time.perf_counter()
-        model = load_model(weights, dims, "cpu")
+        if use_lite:
+            model, name = load_lite(weights), "a2e-lite"
+            num_ids = model.dims.num_identity_classes
+            if s.model == "auto":
+                log.info("no LAM-A2E weights at %s: using the built-in a2e-lite model", lam_weights)
+        else:
+            dims = model_dims(config, base_dir=ROOT)
+            model = load_model(weights, dims, "cpu")
+            name = "lam-a2e" + ("-transformer" if dims.use_transformer else "")
+            num_ids = dims.num_identity_classes
         params = sum(p.numel() for p in model.parameters())
         runner = ModelRunner(
             model,
@@ -124,19 +137,20 @@ class InferenceService:
             runner, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue
         ).start()
         self.model_info = ModelInfo(
-            name="lam-a2e" + ("" if not dims.use_transformer else "-transformer"),
+            name=name,
             weights=str(weights),
             device=device,
             dtype=s.dtype,
-            num_identities=dims.num_identity_classes,
+            num_identities=num_ids,
             parameters=params,
             runner_mode=runner.mode,
         )
         log.info(
-            "model loaded: %s (%.1f M parameters, %d identities) on %s/%s, %s, in %.1f s",
+            "model loaded: %s from %s (%.1f M parameters, %d identities) on %s/%s, %s, in %.1f s",
+            name,
             weights,
             params / 1e6,
-            dims.num_identity_classes,
+            num_ids,
             device,
             s.dtype,
             runner.mode,

@@ -28,6 +28,8 @@ class Settings:
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     config_file: str = field(default=DEFAULT_CONFIG, metadata={"help": "model config file (upstream-style Python, never executed)"})
     weight: str | None = field(default=None, metadata={"help": "model weights (.tar/.pth pickle or .safetensors); overrides the config file"})
+    model: str = field(default="auto", metadata={"help": "auto (LAM-A2E when its weights are there, else a2e-lite), lam or a2e-lite"})
+    lite_weight: str = field(default="pretrained_models/a2e-lite.safetensors", metadata={"help": "a2e-lite weights (shipped)"})
     log_level: str = field(default="info", metadata={"help": "one of " + ", ".join(LOG_LEVELS)})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="fp32", metadata={"help": "model precision: fp32 (exact), bf16 or fp16"})
@@ -58,6 +60,8 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.context_mode not in ("continuous", "reference"):
             raise ConfigError(f"context_mode must be 'continuous' or 'reference', got {self.context_mode!r}")
+        if self.model not in ("auto", "lam", "a2e-lite"):
+            raise ConfigError(f"model must be auto, lam or a2e-lite, got {self.model!r}")
         if self.loudness not in ("off", "gates", "normalize"):
             raise ConfigError(f"loudness must be off, gates or normalize, got {self.loudness!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):

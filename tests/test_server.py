@@ -289,7 +289,7 @@ async def test_session_cap_and_idle_expiry(checkpoint, config_file):
 
 
 async def test_not_ready_without_weights(tmp_path, config_file):
-    settings = Settings(config_file=str(config_file), weight=str(tmp_path / "absent.tar")).validate()
+    settings = Settings(config_file=str(config_file), weight=str(tmp_path / "absent.tar"), model="lam").validate()
     service = InferenceService(settings)
     service.load()
     client = SanicASGITestClient(create_app(settings, service))
@@ -378,5 +378,32 @@ async def test_long_clip_runs_in_windows_beside_streams(checkpoint, config_file)
         assert sorted([c1.json["metadata"]["chunk_index"], c2.json["metadata"]["chunk_index"]]) == [1, 2]
         assert c1.json["metadata"]["frame_count"] == 30  # 1 s at 44.1 kHz stereo
         assert REGISTRY.get_sample_value("a2e_batch_windows_count") > 0
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("model", ["auto", "a2e-lite"])
+async def test_a2e_lite_is_used_without_lam_weights(tmp_path, config_file, model):
+    settings = Settings(config_file=str(config_file), weight=str(tmp_path / "absent.tar"), model=model).validate()
+    service = InferenceService(settings)
+    service.load()
+    client = SanicASGITestClient(create_app(settings, service))
+    try:
+        _, res = await client.get("/api/health")
+        assert res.json["status"] == "healthy" and res.json["model"]["name"] == "a2e-lite"
+        _, res = await client.post("/api/infer", files={"audio_file": ("a.wav", ENGLISH.read_bytes())})
+        assert res.status == 200 and res.json["metadata"]["frame_count"] == 240
+        weights = np.array([f["weights"] for f in res.json["frames"]])
+        assert weights[:, res.json["names"].index("jawOpen")].std() > 0.01
+    finally:
+        service.close()
+
+
+async def test_explicit_lam_wins_over_a2e_lite(checkpoint, config_file):
+    settings = Settings(config_file=str(config_file), weight=str(checkpoint), model="auto").validate()
+    service = InferenceService(settings)
+    service.load()
+    try:
+        assert service.model_info.name == "lam-a2e"
     finally:
         service.close()
