@@ -3,7 +3,8 @@ precedence) its defaults, the ``--config-file``, ``A2E_*`` environment
 variables and command-line flags.
 
 Every field maps to a flag ``--field-name`` and a variable ``A2E_FIELD_NAME``;
-the config file may set any field by its name (plus the upstream ``weight``).
+the config file may set any field by its name (``weight`` as upstream does;
+its ``model`` is the network's description, so the model choice is a flag).
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
     path = settings.resolve(config_file)
     file_values: dict[str, Any] = {}
     if path is not None and path.exists():
-        file_values = {k: v for k, v in read_config(path).items() if k in _TYPES and k != "config_file"}
+        # In an upstream config ``model`` describes the network (model_dims reads it), not --model.
+        file_values = {k: v for k, v in read_config(path).items() if k in _TYPES and k not in ("config_file", "model")}
     elif config_file != DEFAULT_CONFIG:
         raise ConfigError(f"config file {config_file} does not exist")
     for source in (file_values, env, flags):

@@ -74,6 +74,7 @@ def test_document_flags_and_defaults():
     s = load_settings([], environ={})
     assert (s.host, s.port, s.config_file, s.log_level) == ("0.0.0.0", 8000, "configs/lam_audio2exp_config_streaming.py", "info")
     assert s.weight == "pretrained_models/lam_audio2exp_streaming.tar"  # from the shipped config
+    assert s.model == "auto"  # the config's model = dict(...) describes the network, not this choice
     s = load_settings(["--host", "127.0.0.1", "--port", "9000", "--log-level", "debug", "--weight", "w.tar"], environ={})
     assert (s.host, s.port, s.log_level, s.weight) == ("127.0.0.1", 9000, "debug", "w.tar")
 
