@@ -19,6 +19,7 @@ CLOSE, JAW = channel_index("mouthClose"), channel_index("jawOpen")
         ("tS", ["CH"]), ("ts.", ["CH"]), ("s", ["SS"]), ("t", ["DD"]), ("k", ["kk"]), ("r", ["RR"]),
         ("A", ["aa"]), ("i:", ["I"]), ("u", ["U"]), ("O", ["O"]), ("@", ["E"]),
         ("aI", ["aa", "I"]), ("@U", ["E", "U"]), ("uai", ["U", "I"]), ("_", ["sil"]), ("_:", ["sil"]),
+        ("4", ["DD"]), ("i55", ["I"]), ("s.'i.51", ["CH"]), ("'a", ["aa"]),
     ],
 )  # fmt: skip
 def test_visemes(symbol, visemes):

@@ -24,7 +24,7 @@ from scipy.ndimage import maximum_filter1d
 from a2e.constants import ARKIT_NAMES, FPS, SAMPLE_RATE, channel_index
 
 LEAD_S = 0.09
-_STRIP = "'\",:;%=#!|^~0123456789/"  # "." stays: it marks retroflexes (ts., s.)
+_STRIP = "'\",:;%=#!|^~/"  # stress and length marks; "." stays: it marks retroflexes (ts., s.)
 
 
 def _vec(**weights: float) -> np.ndarray:
@@ -67,33 +67,29 @@ _VOWELS = {
 }  # fmt: skip
 
 
+# Consonants by leading symbol, first match wins (affricates before their parts).
+_CONSONANTS: list[tuple[tuple[str, ...], str]] = [
+    (tuple("pbm"), "PP"),
+    (tuple("fv"), "FF"),
+    (tuple("TD"), "TH"),
+    (("tS", "dZ", "S", "Z", "ts.", "s.", "z.", "tc", "c", "C", "J"), "CH"),
+    (("s", "z", "ts", "dz"), "SS"),
+    (tuple("tdnlL4"), "DD"),
+    (tuple("kgNxXhHq?GR"), "kk"),
+    (tuple("rP"), "RR"),
+    (("w",), "U"),
+    (("j",), "I"),
+]
+
+
 def _consonant(sym: str) -> str:
-    if sym[:1] in "pbm":
-        return "PP"
-    if sym[:1] in "fv":
-        return "FF"
-    if sym[:1] in "TD":
-        return "TH"
-    if sym.startswith(("tS", "dZ", "S", "Z", "ts.", "s.", "z.", "tc", "c", "C", "J")):
-        return "CH"
-    if sym[:1] in "sz" or sym.startswith(("ts", "dz")):
-        return "SS"
-    if sym[:1] in "tdnlL4":
-        return "DD"
-    if sym[:1] in "kgNxXhHq?GR":
-        return "kk"
-    if sym[:1] in "rP":
-        return "RR"
-    if sym[:1] == "w":
-        return "U"
-    if sym[:1] == "j":
-        return "I"
-    return "DD"
+    return next((vis for prefixes, vis in _CONSONANTS if sym.startswith(prefixes)), "DD")
 
 
 def visemes_of(symbol: str) -> list[str]:
     """The viseme(s) of one phoneme symbol: one, or two for a diphthong."""
-    sym = "".join(ch for ch in symbol if ch not in _STRIP)
+    # Digits after the first character are tones (espeak's "i55"); a leading one is a phoneme ("4", a tap).
+    sym = "".join(ch for i, ch in enumerate(symbol) if ch not in _STRIP and not (i and ch.isdigit()))
     if not sym or symbol.startswith("_"):
         return ["sil"]
     vowels = [_VOWELS[ch] for ch in sym if ch in _VOWELS]
