@@ -32,8 +32,10 @@ class SlowSpy:
         self.fail_when = lambda w: False
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set once the batcher thread is inside a batch
 
     def run_windows(self, w, ids):
+        self.entered.set()
         self.gate.wait(5)
         self.batches.append(len(w))
         time.sleep(self.delay)
@@ -87,7 +89,7 @@ def test_coalesces_queued_windows(runner):
     batcher = MicroBatcher(spy, max_batch=8, max_wait_s=0.0).start()
     try:
         first = batcher.submit_windows(windows(1), [0])
-        time.sleep(0.05)  # the thread has taken `first` and waits at the gate
+        assert spy.entered.wait(5)  # the thread has taken `first` and waits at the gate
         futures = [batcher.submit_windows(windows(1, seed=i), [i % 12]) for i in range(10)]
         spy.gate.set()
         results = [f.result(10) for f in [first] + futures]
@@ -139,7 +141,7 @@ def test_bounded_queue_refuses_at_once(runner):
     batcher = MicroBatcher(spy, max_batch=2, max_wait_s=0.0, max_queue=4).start()
     try:
         held = batcher.submit_windows(windows(1), [0])
-        time.sleep(0.05)
+        assert spy.entered.wait(5)
         queued = [batcher.submit_windows(windows(1), [0]) for _ in range(4)]
         t0 = time.perf_counter()
         with pytest.raises(QueueFull) as info:
