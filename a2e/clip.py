@@ -21,7 +21,7 @@ import numpy as np
 from .audio import rms_volume
 from .backend import Backend
 from .constants import FPS, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES, frame_count
-from .loudness import DEFAULT_TARGET_LUFS, LoudnessMode, db_to_gain, gain_db_for, integrated_loudness
+from .loudness import DEFAULT_TARGET_LUFS, LoudnessMode, clip_gain
 from .postprocess import postprocess_clip
 
 HOP_SAMPLES = SAMPLE_RATE  # 1 s
@@ -87,7 +87,7 @@ def infer_clip(
     """
     gain = 1.0
     if loudness is not LoudnessMode.OFF:
-        gain = db_to_gain(gain_db_for(integrated_loudness(audio), target_lufs))
+        gain = clip_gain(audio, target_lufs)
     if loudness is LoudnessMode.NORMALIZE:
         audio = np.clip(audio * gain, -1.0, 1.0)
     raw = infer_raw(backend, audio, identity, max_single_pass_seconds)

@@ -65,6 +65,11 @@ def db_to_gain(db: float) -> float:
     return float(10.0 ** (db / 20.0))
 
 
+def clip_gain(audio: np.ndarray, target_lufs: float = DEFAULT_TARGET_LUFS, sr: int = SAMPLE_RATE) -> float:
+    """Linear gain that brings a whole clip to ``target_lufs`` (1.0 when it cannot be measured)."""
+    return db_to_gain(gain_db_for(integrated_loudness(audio, sr), target_lufs))
+
+
 class StreamLoudness:
     """A per-session loudness estimate that is stable from chunk to chunk:
     measured over the session's last 8 s, and moved only part of the way

@@ -30,22 +30,18 @@ CLIPS = sorted((ROOT / "tests" / "data").glob("*.wav"))
 NON_BLINK = [c for c in range(52) if c not in (8, 9)]
 
 
-def _gain(x: np.ndarray) -> float:
-    return loudness.db_to_gain(loudness.gain_db_for(loudness.integrated_loudness(x)))
-
-
 def damped_frames(x: np.ndarray, mode: loudness.LoudnessMode) -> set[int]:
     if mode is loudness.LoudnessMode.NORMALIZE:
-        x = np.clip(x * _gain(x), -1, 1)
+        x = np.clip(x * loudness.cliploudness.clip_gain(x), -1, 1)
     vol = audio.rms_volume(x)
     if mode is loudness.LoudnessMode.GATES:
-        vol = vol * _gain(x)
+        vol = vol * loudness.cliploudness.clip_gain(x)
     return {int(i) for run in postprocess.find_silent_runs(vol) for i in run}
 
 
 def raw_output(backend, x: np.ndarray, mode: loudness.LoudnessMode) -> np.ndarray:
     if mode is loudness.LoudnessMode.NORMALIZE:
-        x = np.clip(x * _gain(x), -1, 1)
+        x = np.clip(x * loudness.cliploudness.clip_gain(x), -1, 1)
     return backend.run_clip(x, 0)
 
 

@@ -60,25 +60,22 @@ def parse_int(value: Any, name: str, default: int | None, lo: int | None = None,
 
 def form_field(request: Request, name: str) -> str | None:
     """A multipart/urlencoded form value (the first, if repeated)."""
-    form = request.form or {}
-    values = form.getlist(name) if hasattr(form, "getlist") else form.get(name)
-    if not values:
-        return None
-    return values[0] if isinstance(values, list) else values
+    form = request.form
+    values = form.getlist(name) if form is not None else None
+    return values[0] if values else None
 
 
 def file_field(request: Request, name: str) -> bytes:
     """The bytes of an uploaded file field; 422 when the field is missing."""
-    files = request.files or {}
-    uploads = files.getlist(name) if hasattr(files, "getlist") else files.get(name)
+    files = request.files
+    uploads = files.getlist(name) if files is not None else None
     if not uploads:
         if form_field(request, name) is not None:
             raise RequestError(422, f"{name} must be sent as a file (multipart/form-data), not as a text field")
         ctype = request.content_type or ""
         hint = "" if ctype.startswith("multipart/form-data") else f" (the request is {ctype or 'not multipart'}; send multipart/form-data)"
         raise RequestError(422, f"missing file field {name!r}{hint}")
-    upload = uploads[0] if isinstance(uploads, list) else uploads
-    return upload.body
+    return uploads[0].body
 
 
 def json_body(request: Request) -> dict[str, Any]:
