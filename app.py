@@ -4,6 +4,9 @@
 
 One process owns the model and the device (Sanic runs single-process):
 handlers hand work to the micro-batcher thread and await it. See README.md.
+
+Every client mistake is a 4xx with its reason; only our own faults are 500,
+and those carry a request id (also in the log), never the exception text.
 """
 
 from __future__ import annotations
@@ -11,22 +14,32 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import signal
 import sys
 import time
 
 from sanic import Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import PayloadTooLarge, RequestCancelled, SanicException
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from a2e.errors import A2EError, AudioError, AudioTooLongError, CheckpointError
 from a2e.separation import SeparationUnavailable
-from batching import BatcherStopped, QueueFull
-from server import metrics, responses
+from batching import BatcherStopped, Cancelled, QueueFull
+from server import access, metrics, responses
+from server.connections import (
+    BoundedRequest,
+    ConnectionLimits,
+    GuardedHttpProtocol,
+    UploadBudget,
+    UploadRefused,
+    max_connections_allowed,
+    release_upload,
+)
 from server.forms import RequestError
 from server.logs import configure_logging
 from server.routes import bp
-from server.service import InferenceService, SeparationBusy
+from server.service import InferenceService, SeparationBusy, ShuttingDown
 from server.sessions import SessionLimitReached
 from server.settings import Settings, load_settings
 
@@ -35,9 +48,41 @@ _app_ids = itertools.count()
 EXPIRY_INTERVAL_S = 5.0
 
 
+# nginx's status for a request whose client closed the connection first;
+# never sent (nobody is listening), but it keeps disconnects out of the 5xx.
+CLIENT_CLOSED = 499
+
+
+def _endpoint(request: Request) -> str:
+    route = request.route.path if request.route else "unmatched"
+    return "/" + route.lstrip("/") if route != "unmatched" else route
+
+
+def _request_id(request: Request) -> str:
+    try:
+        return str(request.id)
+    except Exception:  # an empty request made up for a malformed head
+        return "-"
+
+
+def _header_error(request: Request) -> HTTPResponse:
+    """431 for oversized headers; 414 when the request line alone is too long."""
+    limit = request.app.config.REQUEST_MAX_HEADER_SIZE
+    buffer = getattr(getattr(request, "stream", None), "recv_buffer", b"") or b""
+    line_end = bytes(buffer[: limit + 2]).find(b"\r\n")
+    if line_end == -1 or line_end >= limit:
+        return responses.error(414, f"URL too long: the request line is limited to {limit} bytes")
+    return responses.error(431, f"request headers too large: they are limited to {limit} bytes in all")
+
+
 def _error_response(request: Request, exc: Exception) -> HTTPResponse:
+    release_upload(request)
     if isinstance(exc, RequestError):
         return responses.error(exc.status, exc.detail, exc.headers)
+    if isinstance(exc, RequestCancelled) or (isinstance(exc, Cancelled)):
+        metrics.CLIENT_DISCONNECTS.labels(_endpoint(request)).inc()
+        log.info("client went away before the answer: %s %s (request %s)", request.method, request.path, _request_id(request))
+        return responses.error(CLIENT_CLOSED, "client closed the connection")
     if isinstance(exc, AudioTooLongError):
         return responses.error(413, str(exc))
     if isinstance(exc, AudioError):
@@ -50,25 +95,51 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         return responses.error(503, f"vocal isolation (ex_vol=true) is unavailable: {exc}", {"Retry-After": "300"})
     if isinstance(exc, SeparationBusy):
         return responses.error(503, str(exc), {"Retry-After": "10"})
+    if isinstance(exc, UploadRefused):
+        return responses.error(503, str(exc), {"Retry-After": "1", "Connection": "close"})
+    if isinstance(exc, ShuttingDown):
+        return responses.error(503, str(exc), {"Retry-After": "1", "Connection": "close"})
     if isinstance(exc, BatcherStopped):
         return responses.error(503, f"Model not loaded: {exc}")
+    if isinstance(exc, PayloadTooLarge) and "header" in str(exc).lower():
+        return _header_error(request)
     if isinstance(exc, SanicException):
         status = getattr(exc, "status_code", 500)
         message = str(exc) or getattr(exc, "message", "") or "error"
         if status == 413:
             limit = request.app.ctx.service.settings.max_upload_mb
             message = f"request body too large: the limit is {limit:g} MB"
-        return responses.error(status, message, getattr(exc, "headers", None))
-    log.exception("internal error on %s %s", request.method, request.path)
-    return responses.error(500, f"Inference failed: {type(exc).__name__}: {exc}")
+        if status < 500 or status == 503:
+            return responses.error(status, message, getattr(exc, "headers", None))
+    request_id = _request_id(request)
+    log.error(
+        "internal error on %s %s (request %s): %s: %s",
+        request.method,
+        request.path,
+        request_id,
+        type(exc).__name__,
+        exc,
+        exc_info=exc,
+    )
+    return responses.error(500, f"internal error (request id {request_id}); the server log has the details")
 
 
 def create_app(settings: Settings, service: InferenceService | None = None) -> Sanic:
     """The Sanic app for ``settings``; the model loads when the server starts."""
-    app = Sanic(f"lam_a2e_{next(_app_ids)}", configure_logging=False)
+    app = Sanic(f"lam_a2e_{next(_app_ids)}", configure_logging=False, request_class=BoundedRequest)
     app.config.REQUEST_MAX_SIZE = settings.max_upload_bytes
     app.config.FALLBACK_ERROR_FORMAT = "json"
-    app.config.KEEP_ALIVE_TIMEOUT = 30
+    app.config.KEEP_ALIVE_TIMEOUT = settings.keep_alive_timeout_s
+    app.config.REQUEST_TIMEOUT = settings.header_timeout_s
+    app.config.RESPONSE_TIMEOUT = settings.response_timeout_s
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.graceful_shutdown_s
+    app.ctx.connection_limits = ConnectionLimits(
+        max_connections=max_connections_allowed(settings.max_connections),
+        header_timeout_s=settings.header_timeout_s,
+        body_idle_timeout_s=settings.body_idle_timeout_s,
+        body_min_rate=settings.body_min_rate_kb * 1024,
+    )
+    app.ctx.upload_budget = UploadBudget(int(settings.upload_memory_mb * 1024 * 1024))
     # Whoever creates the service closes it: the app only when it made it.
     app.ctx.owns_service = service is None
     app.ctx.service = service or InferenceService(settings)
@@ -78,6 +149,7 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> S
     @app.before_server_start
     async def load_model(app: Sanic) -> None:
         svc: InferenceService = app.ctx.service
+        svc.accept_work()
         loop = asyncio.get_running_loop()
         if not svc.ready:
             await loop.run_in_executor(None, svc.load)
@@ -85,28 +157,41 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> S
             await loop.run_in_executor(None, svc.preload_separator)
         app.add_task(_expire_sessions(svc), name="expire_sessions")
 
+    @app.before_server_stop
+    async def drain(app: Sanic) -> None:
+        app.ctx.service.begin_drain(settings.graceful_shutdown_s)
+
     @app.after_server_stop
     async def shutdown(app: Sanic) -> None:
         if app.ctx.owns_service:
             app.ctx.service.close()
 
     @app.on_request
-    async def start_timer(request: Request) -> None:
+    async def start_timer(request: Request) -> HTTPResponse | None:
         request.ctx.started = time.perf_counter()
         # Sanic's own server enforces REQUEST_MAX_SIZE while reading; ASGI
         # servers may not, so the limit is checked here too.
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > settings.max_upload_bytes:
             raise RequestError(413, f"request body too large: the limit is {settings.max_upload_mb:g} MB")
+        request.ctx.cors_origin = access.allowed_origin(request, settings.cors_origin_list)
+        # Also runs for routing errors (Sanic runs request middleware before
+        # answering them), which is how a preflight of a POST-only path is answered.
+        if request.method == "OPTIONS" and request.ctx.cors_origin is not None:
+            return access.preflight(request.ctx.cors_origin)
+        access.check_api_key(request, settings.api_key)
+        return None
 
     @app.on_response
     async def record(request: Request, response: HTTPResponse) -> None:
-        route = request.route.path if request.route else "unmatched"
-        endpoint = "/" + route.lstrip("/") if route != "unmatched" else route
+        release_upload(request)
+        access.decorate(response, _request_id(request), getattr(request.ctx, "cors_origin", None))
+        endpoint = _endpoint(request)
         metrics.REQUESTS.labels(endpoint, request.method, str(response.status)).inc()
         started = getattr(request.ctx, "started", None)
         if started is not None:
             metrics.LATENCY.labels(endpoint, request.method).observe(time.perf_counter() - started)
+
 
     return app
 
@@ -132,12 +217,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, service)
+    # Sanic installs its SIGTERM handler only after the port is open; a
+    # SIGTERM in between would kill the process outright. Until then, note it
+    # and stop cleanly as soon as the server is up.
+    early_stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
+
+    @app.after_server_start
+    async def stop_if_asked_early(app: Sanic) -> None:
+        if early_stop:
+            log.info("SIGTERM received during start-up: stopping")
+            app.stop()
+
     app.run(
         host=settings.host,
         port=settings.port,
         single_process=True,
         access_log=settings.log_level.lower() in ("debug", "trace"),
         motd=False,
+        protocol=GuardedHttpProtocol,
     )
     service.close()
     return 0

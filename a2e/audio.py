@@ -4,12 +4,22 @@ Decoding is by content (libsndfile sniffs the format), never by file name:
 clients upload MP3s named ``.wav``. Resampling uses soxr at high quality,
 the resampler librosa (the reference's loader) uses by default. torchaudio is
 deliberately not used (see README, "Why no torchaudio").
+
+Memory and time are bounded whatever the upload claims: a few KB of FLAC can
+describe ten minutes of 8-channel audio at 655 kHz (gigabytes decoded). So
+the container's header is checked first (rate, channels, duration, decoding
+work), then the audio is decoded in blocks that are downmixed and resampled
+as they come (soxr's stream gives the same samples as one call), and
+decoding stops at the limit. Peak memory is the output plus one block.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import soundfile as sf
@@ -22,55 +32,188 @@ from .errors import AudioError, AudioTooLongError
 # before calling an upload too long by its header alone.
 _HEADER_SLACK = 1.05
 _RMS_BLOCK = 2048
+# Frames decoded per block: 64 K frames of 8 channels is 2 MiB of float32.
+BLOCK_FRAMES = 65536
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 384_000  # the highest rate audio interfaces record at
+MAX_CHANNELS = 32
+# Decoding work allowed per second of the length limit, in samples (all
+# channels): stereo at 96 kHz for the whole length. Beyond it the upload
+# costs more CPU to decode than the audio is worth.
+MAX_DECODE_SAMPLES_PER_S = 2 * 96_000
+# libsndfile (1.2.2, the one soundfile ships) returns wrong samples from
+# partial reads of gapless-tagged MP3s, so an MP3 is read in one call. MP3 is
+# at most 48 kHz stereo; its decoded size is bounded by this many samples
+# (all channels) per second of the length limit: 48 kHz mono for the whole
+# length, 48 kHz stereo for half of it.
+MP3_ONE_READ_SAMPLES_PER_S = 48_000
+# Float audio is nominally within +-1. Samples beyond +-256 (+48 dBFS) are
+# not a recording but a scaling mistake or an attack: squared in the model's
+# normalisations they overflow float32 and turn the output into NaN.
+MAX_AMPLITUDE = 256.0
+
+_DECODE_HINT = (
+    "supported: WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3; raw PCM needs a header, e.g. write it as WAV"
+)
 
 
-def decode(data: bytes, max_seconds: float | None = None, mono: bool = True) -> tuple[np.ndarray, int]:
-    """Decode ``data`` to a mono float32 array at its own sample rate
-    (``[channels, N]`` when ``mono`` is false).
+@dataclass
+class _Source:
+    """An opened container: its format facts and a reader of float32 ``[n, channels]`` blocks."""
 
-    Raises AudioError (empty, undecodable, no samples, non-finite) or
-    AudioTooLongError (longer than ``max_seconds``).
-    """
+    sample_rate: int
+    channels: int
+    frames: int  # from the header; 0 when the header does not say
+    blocks: Callable[[], Iterator[np.ndarray]]
+    one_read: bool = False  # decoded in one read (MP3): bounded by its header before reading
+    max_frames: int = 0  # set by the header check: frames read at most when one_read
+
+
+def _check_header(src: _Source, max_seconds: float | None) -> None:
+    if not MIN_SAMPLE_RATE <= src.sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"sample rate {src.sample_rate} Hz is out of range ({MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)"
+        )
+    if not 1 <= src.channels <= MAX_CHANNELS:
+        raise AudioError(f"{src.channels} channels: audio must have 1 to {MAX_CHANNELS} channels")
+    if src.one_read:
+        if max_seconds is not None and src.frames * src.channels > max_seconds * MP3_ONE_READ_SAMPLES_PER_S * _HEADER_SLACK:
+            raise AudioTooLongError(
+                f"MP3 of {src.frames / src.sample_rate:.1f} s with {src.channels} channels at {src.sample_rate} Hz is "
+                f"too long: MP3 is limited to {max_seconds:g} s of mono or {max_seconds / 2:g} s of stereo; "
+                "send WAV, FLAC or OGG for longer audio"
+            )
+        src.max_frames = int(max_seconds * src.sample_rate * _HEADER_SLACK) + 1 if max_seconds is not None else -1
+    if max_seconds is None or src.frames <= 0:
+        return
+    seconds = src.frames / src.sample_rate
+    if seconds > max_seconds * _HEADER_SLACK:
+        raise AudioTooLongError(f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s")
+    _check_work(src.frames * src.channels, src, max_seconds)
+
+
+def _check_work(samples: int, src: _Source, max_seconds: float) -> None:
+    if samples > max_seconds * MAX_DECODE_SAMPLES_PER_S:
+        raise AudioTooLongError(
+            f"audio of {src.channels} channels at {src.sample_rate} Hz is too much to decode: the limit for "
+            f"{max_seconds:g} s is {max_seconds * MAX_DECODE_SAMPLES_PER_S / 1e6:.1f} M samples (all channels); "
+            "send fewer channels or a lower sample rate"
+        )
+
+
+def _open(data: bytes) -> _Source:
     if not data:
         raise AudioError("audio is empty (0 bytes)")
-    fast = _read_plain_wav(data)
-    if fast is not None:
-        return _finish(*fast, max_seconds, mono)
+    src = _plain_wav(data)
+    if src is not None:
+        return src
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            sr = int(f.samplerate)
-            if max_seconds is not None and f.frames > 0 and f.frames / sr > max_seconds * _HEADER_SLACK:
-                raise AudioTooLongError(f"audio is {f.frames / sr:.1f} s long; the limit is {max_seconds:g} s")
-            samples = f.read(dtype="float32", always_2d=True)
+        f = sf.SoundFile(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(f"audio could not be decoded ({_DECODE_HINT}): {_reason(exc)}") from None
+
+    if f.format in ("MP3", "MPEG"):
+        src = _Source(int(f.samplerate), int(f.channels), max(int(f.frames), 0), None, one_read=True)
+        src.blocks = lambda: _one_read(f, src.max_frames)
+        return src
+
+    def blocks() -> Iterator[np.ndarray]:
+        with f:
+            while True:
+                block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+                if len(block) == 0:
+                    return
+                yield block
+
+    return _Source(int(f.samplerate), int(f.channels), max(int(f.frames), 0), blocks)
+
+
+def _one_read(f: sf.SoundFile, max_frames: int = -1) -> Iterator[np.ndarray]:
+    with f:
+        yield f.read(max_frames, dtype="float32", always_2d=True)
+
+
+def _reason(exc: Exception) -> str:
+    # libsndfile's message names the in-memory file object; keep only its reason.
+    return str(exc).rsplit(">: ", 1)[-1]
+
+
+def decode(
+    data: bytes, max_seconds: float | None = None, mono: bool = True, max_rate: int | None = None
+) -> tuple[np.ndarray, int]:
+    """Decode ``data`` to float32 at its own sample rate, or at ``max_rate``
+    when its rate is higher: ``[N]`` when ``mono``, else ``[channels, N]`` with
+    at most two channels (more are averaged to one).
+
+    Raises AudioError (empty, undecodable, no samples, non-finite or absurd
+    amplitudes, rate or channels out of range) or AudioTooLongError (longer
+    than ``max_seconds``, or more decoding work than that length allows).
+    """
+    src = _open(data)
+    _check_header(src, max_seconds)
+    rate = src.sample_rate if max_rate is None else min(src.sample_rate, max_rate)
+    return _decode_blocks(src, max_seconds, 1 if mono else 2, rate), rate
+
+
+def load(data: bytes, max_seconds: float | None = None) -> np.ndarray:
+    """Decode and resample to the model's 16 kHz mono float32."""
+    src = _open(data)
+    _check_header(src, max_seconds)
+    return _decode_blocks(src, max_seconds, 1, SAMPLE_RATE)
+
+
+def _decode_blocks(src: _Source, max_seconds: float | None, max_channels: int, rate: int) -> np.ndarray:
+    """Decode block by block: check, downmix, resample as they come; stop at the limits."""
+    keep = src.channels if src.channels <= max_channels else 1
+    stream = None if rate == src.sample_rate else soxr.ResampleStream(src.sample_rate, rate, keep, dtype="float32", quality="HQ")
+    out: list[np.ndarray] = []
+    frames = 0
+    try:
+        blocks = src.blocks()
+        block = next(blocks, None)
+        while block is not None:
+            following = next(blocks, None)
+            frames += len(block)
+            if max_seconds is not None:
+                if frames / src.sample_rate > max_seconds:
+                    raise AudioTooLongError(f"audio is longer than {max_seconds:g} s; the limit is {max_seconds:g} s")
+                _check_work(frames * src.channels, src, max_seconds)
+            _check_samples(block)
+            if keep != src.channels:
+                block = block.mean(axis=1, dtype=np.float32, keepdims=True)
+            if stream is not None:
+                block = stream.resample_chunk(block if keep > 1 else block[:, 0], last=following is None)
+            out.append(block if block.ndim == 2 else block[:, None])
+            block = following
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        # libsndfile's message names the in-memory file object; keep only its reason.
-        reason = str(exc).rsplit(">: ", 1)[-1]
-        raise AudioError(
-            f"audio could not be decoded (supported: WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3; raw PCM needs a "
-            f"header, e.g. write it as WAV): {reason}"
-        ) from None
-    return _finish(samples, sr, max_seconds, mono)
-
-
-def _finish(samples: np.ndarray, sr: int, max_seconds: float | None, mono: bool) -> tuple[np.ndarray, int]:
-    if samples.size == 0 or sr <= 0:
+        raise AudioError(f"audio could not be decoded ({_DECODE_HINT}): {_reason(exc)}") from None
+    if frames == 0:
         raise AudioError("audio has no samples")
-    if not np.isfinite(samples).all():
+    samples = np.concatenate(out) if len(out) > 1 else out[0] if out else np.zeros((0, keep), np.float32)
+    if len(samples) == 0:
+        raise AudioError(f"audio has no samples at {rate} Hz ({frames} at {src.sample_rate} Hz)")
+    if max_channels == 1:
+        return np.ascontiguousarray(samples[:, 0], dtype=np.float32)
+    return np.ascontiguousarray(samples.T, dtype=np.float32)
+
+
+def _check_samples(block: np.ndarray) -> None:
+    if not np.isfinite(block).all():
         raise AudioError("audio contains non-finite samples (NaN or infinity)")
-    if max_seconds is not None and len(samples) / sr > max_seconds:
-        raise AudioTooLongError(f"audio is {len(samples) / sr:.1f} s long; the limit is {max_seconds:g} s")
-    if not mono:
-        return np.ascontiguousarray(samples.T, dtype=np.float32), sr
-    out = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    return np.ascontiguousarray(out, dtype=np.float32), sr
+    peak = float(np.abs(block).max(initial=0.0))
+    if peak > MAX_AMPLITUDE:
+        raise AudioError(
+            f"audio amplitude is absurd (peak {peak:.3g}; float audio is expected within +-1, at most "
+            f"+-{MAX_AMPLITUDE:g} is accepted): scale it before sending"
+        )
 
 
 _WAV_INT = {1: (np.uint8, 128.0, 128.0), 2: (np.dtype("<i2"), 0.0, 32768.0), 4: (np.dtype("<i4"), 0.0, 2147483648.0)}
 
 
-def _read_plain_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+def _plain_wav(data: bytes) -> _Source | None:
     """Plain RIFF/WAVE (PCM 8/16/24/32-bit or float) read straight from the bytes.
 
     Streaming clients send small WAV chunks by the thousand; libsndfile reads
@@ -87,7 +230,7 @@ def _read_plain_wav(data: bytes) -> tuple[np.ndarray, int] | None:
         if cid == b"fmt " and size >= 16:
             fmt = data[body : body + min(size, 40)]
         elif cid == b"data":
-            payload = data[body : body + size] if body + size <= len(data) else data[body:]
+            payload = memoryview(data)[body : min(body + size, len(data))]
             break
         pos = body + size + (size & 1)
     if fmt is None or payload is None:
@@ -101,20 +244,30 @@ def _read_plain_wav(data: bytes) -> tuple[np.ndarray, int] | None:
     width = bits // 8
     if channels < 1 or sr <= 0 or bits % 8 or width == 0:
         return None
-    usable = len(payload) - len(payload) % (width * channels)
-    raw = payload[:usable]
-    if tag == 3 and bits in (32, 64):
-        x = np.frombuffer(raw, dtype="<f4" if bits == 32 else "<f8").astype(np.float32)
-    elif tag == 1 and width in _WAV_INT:
-        dtype, offset, scale = _WAV_INT[width]
-        x = ((np.frombuffer(raw, dtype=dtype).astype(np.float32) - offset) / scale).astype(np.float32)
-    elif tag == 1 and width == 3:
+    if not ((tag == 3 and bits in (32, 64)) or (tag == 1 and (width in _WAV_INT or width == 3))):
+        return None
+    frame_bytes = width * channels
+    frames = len(payload) // frame_bytes
+
+    def blocks() -> Iterator[np.ndarray]:
+        step = BLOCK_FRAMES * frame_bytes
+        for start in range(0, frames * frame_bytes, step):
+            raw = payload[start : min(start + step, frames * frame_bytes)]
+            yield _wav_samples(raw, tag, bits).reshape(-1, channels)
+
+    return _Source(sr, channels, frames, blocks)
+
+
+def _wav_samples(raw: memoryview, tag: int, bits: int) -> np.ndarray:
+    if tag == 3:
+        return np.frombuffer(raw, dtype="<f4" if bits == 32 else "<f8").astype(np.float32)
+    width = bits // 8
+    if width == 3:
         b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
         v = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8  # sign-extend through the top byte
-        x = (v.astype(np.float32) / 2147483648.0).astype(np.float32)
-    else:
-        return None
-    return x.reshape(-1, channels), sr
+        return (v.astype(np.float32) / 2147483648.0).astype(np.float32)
+    dtype, offset, scale = _WAV_INT[width]
+    return ((np.frombuffer(raw, dtype=dtype).astype(np.float32) - offset) / scale).astype(np.float32)
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -123,12 +276,6 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
         return np.array(audio, dtype=np.float32, copy=True)
     out = soxr.resample(np.asarray(audio, dtype=np.float32), orig_sr, target_sr, quality="HQ")
     return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def load(data: bytes, max_seconds: float | None = None) -> np.ndarray:
-    """Decode and resample to the model's 16 kHz mono float32."""
-    audio, sr = decode(data, max_seconds=max_seconds)
-    return resample(audio, sr)
 
 
 def rms_volume(audio: np.ndarray, sr: int = SAMPLE_RATE, frame_length: int | None = None) -> np.ndarray:

@@ -25,6 +25,10 @@ from .loudness import DEFAULT_TARGET_LUFS, LoudnessMode, clip_gain
 from .postprocess import postprocess_clip
 
 HOP_SAMPLES = SAMPLE_RATE  # 1 s
+# The wav2vec 2.0 feature encoder needs 400 samples (25 ms, its receptive
+# field) for one feature frame; shorter clips are zero-padded to it at the end
+# and their output cut back to their own frame count.
+MIN_MODEL_SAMPLES = 400
 HOP_FRAMES = FPS
 _TRIANGLE = np.minimum(np.arange(1, WINDOW_FRAMES + 1), np.arange(WINDOW_FRAMES, 0, -1)).astype(np.float32)
 
@@ -62,6 +66,9 @@ def infer_raw(
     backend: Backend, audio: np.ndarray, identity: int, max_single_pass_seconds: float = 60.0
 ) -> np.ndarray:
     """Raw model output for a whole 16 kHz clip: one pass, or windows when long."""
+    if len(audio) < MIN_MODEL_SAMPLES:
+        padded = np.pad(np.asarray(audio, dtype=np.float32), (0, MIN_MODEL_SAMPLES - len(audio)))
+        return backend.run_clip(padded, identity)[: frame_count(len(audio))]
     if len(audio) <= max_single_pass_seconds * SAMPLE_RATE:
         return backend.run_clip(audio, identity)
     return run_windowed(backend, audio, identity)

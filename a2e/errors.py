@@ -19,3 +19,7 @@ class CheckpointError(A2EError):
 
 class ConfigError(A2EError):
     """A config file is malformed or tries to do more than assign plain values."""
+
+
+class ModelOutputError(A2EError):
+    """The model produced non-finite values: a fault of ours, never sent to a client as numbers."""

@@ -23,7 +23,8 @@ estimate that moves slowly from chunk to chunk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
@@ -57,6 +58,18 @@ class StreamState:
     frames_sent: int = 0
     loudness_mode: LoudnessMode = LoudnessMode.OFF
     loudness: StreamLoudness | None = None  # the session's level estimate, when a mode is on
+
+    def snapshot(self) -> "StreamState":
+        """A copy to roll back to, so a chunk is applied whole or not at all.
+        Arrays are replaced, never written in place, so sharing them is safe;
+        the generator and the level estimate change in place and are copied."""
+        saved = replace(self, loudness=copy.deepcopy(self.loudness))
+        saved.rng = np.random.Generator(type(self.rng.bit_generator)())
+        saved.rng.bit_generator.state = self.rng.bit_generator.state
+        return saved
+
+    def restore(self, saved: "StreamState") -> None:
+        self.__dict__.update(saved.__dict__)
 
 
 @dataclass

@@ -18,11 +18,17 @@ its own futures; the thread keeps running.
 
 The batcher also implements the ``a2e.backend.Backend`` protocol (blocking
 calls), so the core's clip and streaming paths run through it unchanged.
+
+Admission also bounds time: work is refused when the queue already holds
+more than ``max_queue_wait_s`` of estimated model time, so a burst is told to
+come back instead of timing out in the queue. A job whose output holds NaN or
+infinity fails alone (``ModelOutputError``); no such number leaves the batcher.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -33,6 +39,7 @@ import numpy as np
 
 from a2e.backend import Backend
 from a2e.constants import SAMPLE_RATE, WINDOW_SAMPLES
+from a2e.errors import ModelOutputError
 
 from . import metrics
 
@@ -49,6 +56,10 @@ class QueueFull(RuntimeError):
 
 class BatcherStopped(RuntimeError):
     """The batcher is not running (shutting down, or never started)."""
+
+
+class Cancelled(RuntimeError):
+    """The request that owned this work was cancelled (client gone, deadline passed)."""
 
 
 @dataclass
@@ -80,6 +91,7 @@ class MicroBatcher:
         max_batch: int = 8,
         max_wait_s: float = 0.005,
         max_queue: int = 512,
+        max_queue_wait_s: float = math.inf,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -88,6 +100,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
         self._queue: deque[_WindowJob | _ClipJob] = deque()
         self._queued_rows = 0
         self._cond = threading.Condition()
@@ -127,15 +140,19 @@ class MicroBatcher:
     def queued_windows(self) -> int:
         return self._queued_rows
 
+    def estimated_wait_s(self) -> float:
+        """Model time of what is queued, from the recent mean batch time."""
+        return math.ceil(self._queued_rows / self.max_batch) * max(self._busy_s, 0.0)
+
     # -- submission --------------------------------------------------------
     def _enqueue(self, job: _WindowJob | _ClipJob) -> Future:
         with self._cond:
             if not self._running:
                 raise BatcherStopped("inference is not running")
-            if self._queued_rows + job.rows > self.max_queue and self._queue:
+            wait_s = self.estimated_wait_s()
+            if self._queue and (self._queued_rows + job.rows > self.max_queue or wait_s > self.max_queue_wait_s):
                 metrics.REJECTED.inc()
-                waves = self._queued_rows / max(self.max_batch, 1)
-                raise QueueFull(self._queued_rows, max(1.0, waves * max(self._busy_s, 0.05)))
+                raise QueueFull(self._queued_rows, max(1.0, wait_s))
             self._queue.append(job)
             self._queued_rows += job.rows
             metrics.QUEUE_DEPTH.set(self._queued_rows)
@@ -224,6 +241,10 @@ class MicroBatcher:
             job.future.set_exception(exc)
             return
         metrics.BATCH_SECONDS.labels("clip").observe(time.perf_counter() - t0)
+        if not np.isfinite(out).all():
+            log.error("whole-clip inference gave non-finite output (%.1f s of audio)", len(job.audio) / SAMPLE_RATE)
+            job.future.set_exception(ModelOutputError("the model produced non-finite values"))
+            return
         job.future.set_result(out)
 
     def _run_batch(self, jobs: list[_WindowJob]) -> None:
@@ -248,7 +269,54 @@ class MicroBatcher:
         self._busy_s = elapsed if self._batches == 1 else 0.9 * self._busy_s + 0.1 * elapsed
         metrics.BATCH_SECONDS.labels("window").observe(elapsed)
         metrics.BATCH_SIZE.observe(len(windows))
+        finite = np.isfinite(out).all(axis=(1, 2))
         offset = 0
         for j in jobs:
-            j.future.set_result(out[offset : offset + j.rows])
+            rows = slice(offset, offset + j.rows)
             offset += j.rows
+            if not finite[rows].all():
+                log.error("model gave non-finite output for %d of %d windows", j.rows - int(finite[rows].sum()), j.rows)
+                j.future.set_exception(ModelOutputError("the model produced non-finite values"))
+            else:
+                j.future.set_result(out[rows])
+
+
+class CancelScope:
+    """The batcher as one request sees it: a blocking Backend whose work stops
+    when ``cancel()`` is called (from any thread). Queued jobs are dropped;
+    a job already on the device finishes, and the next call raises Cancelled,
+    so a long clip stops between its windows."""
+
+    POLL_S = 0.05
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self.batcher = batcher
+        self.num_identities = batcher.num_identities
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _wait(self, future: Future) -> np.ndarray:
+        while True:
+            if self._cancelled.is_set():
+                future.cancel()
+                raise Cancelled("the request was cancelled")
+            try:
+                return future.result(timeout=self.POLL_S)
+            except TimeoutError:
+                continue
+
+    def run_windows(self, windows: np.ndarray, identities: np.ndarray) -> np.ndarray:
+        if self._cancelled.is_set():
+            raise Cancelled("the request was cancelled")
+        return self._wait(self.batcher.submit_windows(windows, identities))
+
+    def run_clip(self, audio: np.ndarray, identity: int) -> np.ndarray:
+        if self._cancelled.is_set():
+            raise Cancelled("the request was cancelled")
+        return self._wait(self.batcher.submit_clip(audio, identity))

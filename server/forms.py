@@ -10,6 +10,12 @@ from typing import Any
 
 from sanic.request import Request
 
+# Form bodies are parsed on the event loop; a body of 600,000 tiny parts
+# (within the size limit) would block it for seconds. Our forms have at most
+# a handful of fields, so anything much larger is refused before parsing.
+MAX_FORM_PARTS = 64
+MAX_URLENCODED_FIELDS = 256
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -58,8 +64,39 @@ def parse_int(value: Any, name: str, default: int | None, lo: int | None = None,
     return value
 
 
+def parse_str(value: Any, name: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
+    """A string field (JSON or form); other JSON types are refused, not coerced."""
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise RequestError(422, f"{name} must be a string, got {type(value).__name__}")
+    if choices is not None and value.strip().lower() not in choices:
+        raise RequestError(422, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value.strip().lower() if choices is not None else value
+
+
+def _check_form_size(request: Request) -> None:
+    """Refuse form bodies with absurdly many parts before Sanic parses them."""
+    if getattr(request.ctx, "form_checked", False):
+        return
+    request.ctx.form_checked = True
+    body = request.body or b""
+    ctype = request.content_type or ""
+    if ctype.startswith("multipart/form-data"):
+        boundary = ""
+        for param in ctype.split(";")[1:]:
+            key, _, value = param.strip().partition("=")
+            if key.lower() == "boundary":
+                boundary = value.strip('"')
+        if boundary and body.count(b"--" + boundary.encode("latin-1", "replace")) - 1 > MAX_FORM_PARTS:
+            raise RequestError(400, f"the form has too many parts: at most {MAX_FORM_PARTS} are accepted")
+    elif ctype.startswith("application/x-www-form-urlencoded") and body.count(b"&") >= MAX_URLENCODED_FIELDS:
+        raise RequestError(400, f"the form has too many fields: at most {MAX_URLENCODED_FIELDS} are accepted")
+
+
 def form_field(request: Request, name: str) -> str | None:
     """A multipart/urlencoded form value (the first, if repeated)."""
+    _check_form_size(request)
     form = request.form
     values = form.getlist(name) if form is not None else None
     return values[0] if values else None
@@ -67,6 +104,7 @@ def form_field(request: Request, name: str) -> str | None:
 
 def file_field(request: Request, name: str) -> bytes:
     """The bytes of an uploaded file field; 422 when the field is missing."""
+    _check_form_size(request)
     files = request.files
     uploads = files.getlist(name) if files is not None else None
     if not uploads:

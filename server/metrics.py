@@ -13,3 +13,11 @@ SESSIONS_ACTIVE = Gauge("a2e_sessions_active", "Open streaming sessions")
 SESSIONS_EXPIRED = Counter("a2e_sessions_expired_total", "Streaming sessions closed for being idle")
 AUDIO_SECONDS = Counter("a2e_audio_seconds_total", "Seconds of audio animated", ["kind"])
 FRAMES = Counter("a2e_frames_total", "Animation frames produced", ["kind"])
+CONNECTIONS_OPEN = Gauge("a2e_http_connections", "Open HTTP connections")
+CONNECTIONS_REFUSED = Counter("a2e_http_connections_refused_total", "Connections refused at the connection cap")
+SLOW_CLIENTS_CUT = Counter("a2e_http_slow_clients_closed_total", "Connections closed for sending headers or body too slowly")
+UPLOAD_BYTES_HELD = Gauge("a2e_http_upload_bytes", "Request body bytes admitted to memory (upload budget in use)")
+UPLOADS_REFUSED = Counter("a2e_http_uploads_refused_total", "Request bodies refused because the upload budget was spent")
+CLIENT_DISCONNECTS = Counter(
+    "a2e_http_client_disconnects_total", "Requests whose client went away before the answer", ["endpoint"]
+)

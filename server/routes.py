@@ -36,12 +36,24 @@ def _require_model(service: InferenceService) -> None:
         raise forms.RequestError(503, f"Model not loaded: {service.not_ready_reason}")
 
 
+_LOUDNESS = tuple(m.value for m in LoudnessMode)
+
+
 def _loudness(value: object, service: InferenceService) -> LoudnessMode:
-    text = str(value).strip().lower() if value not in (None, "") else service.settings.loudness
-    try:
-        return LoudnessMode(text)
-    except ValueError:
-        raise forms.RequestError(422, f"loudness must be off, gates or normalize, got {value!r}") from None
+    return LoudnessMode(forms.parse_str(value, "loudness", service.settings.loudness, _LOUDNESS))
+
+
+def client_address(request: Request) -> str:
+    """The client's address: from proxy headers when Sanic is configured to trust them, else the peer."""
+    return request.remote_addr or request.ip or "unknown"
+
+
+def _shown_path(path: str | None, detail: bool) -> str | None:
+    """File names only in /api/health unless the operator asks for detail: absolute
+    paths tell an attacker about the machine."""
+    if path is None or detail:
+        return path
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _identity(service: InferenceService, value: object) -> int:
@@ -77,6 +89,8 @@ async def health(request: Request) -> HTTPResponse:
     service = _service(request)
     s = service.settings
     info = service.model_info
+    separation = dict(service.separator.status)
+    separation["model_dir"] = _shown_path(separation.get("model_dir"), s.health_detail)
     body = {
         "status": "healthy" if service.ready else "not_ready",
         "model_loaded": service.ready,
@@ -86,7 +100,7 @@ async def health(request: Request) -> HTTPResponse:
         if info is None
         else {
             "name": info.name,
-            "weights": info.weights,
+            "weights": _shown_path(info.weights, s.health_detail),
             "device": info.device,
             "dtype": info.dtype,
             "runner": info.runner_mode,
@@ -99,13 +113,19 @@ async def health(request: Request) -> HTTPResponse:
             "max_sessions": s.max_sessions,
             "session_idle_timeout_s": s.session_idle_timeout_s,
             "max_upload_mb": s.max_upload_mb,
-            "max_audio_s": s.max_audio_s,
-            "max_chunk_s": s.max_chunk_s,
+            "max_audio_s": service.limits.max_audio_s,
+            "max_chunk_s": service.limits.max_chunk_s,
+            "configured_max_audio_s": s.max_audio_s,
+            "configured_max_chunk_s": s.max_chunk_s,
+            "model_audio_s_per_s": service.limits.audio_s_per_s,
+            "response_timeout_s": s.response_timeout_s,
+            "max_sessions_per_client": s.max_sessions_per_client,
             "max_batch": s.max_batch,
             "max_queue_windows": s.max_queue,
         },
         "default_context_mode": s.context_mode,
-        "vocal_isolation": service.separator.status,
+        "vocal_isolation": separation,
+        "draining": service.draining,
         "loudness": {"default": s.loudness, "target_lufs": s.loudness_target_lufs},
     }
     return responses.json_response(body)
@@ -150,13 +170,11 @@ async def stream_init(request: Request) -> HTTPResponse:
     body = forms.json_body(request)
     identity = _identity(service, body.get("id_idx"))
     seed = forms.parse_int(body.get("seed"), "seed", None, 0, 2**63 - 1)
-    mode = body.get("context_mode") or service.settings.context_mode
-    if mode not in ("continuous", "reference"):
-        raise forms.RequestError(422, f"context_mode must be 'continuous' or 'reference', got {mode!r}")
+    mode = forms.parse_str(body.get("context_mode"), "context_mode", service.settings.context_mode, ("continuous", "reference"))
     if mode == "reference" and body.get("loudness") not in (None, "", "off"):
         raise forms.RequestError(422, "the reference context mode reproduces the reference exactly: loudness must be off")
     loudness = _loudness(body.get("loudness"), service)
-    session = service.open_session(identity, seed, mode, loudness)
+    session = service.open_session(identity, seed, mode, loudness, client=client_address(request))
     return responses.json_response(
         {
             "session_id": session.id,

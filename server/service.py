@@ -1,17 +1,25 @@
 """The inference service behind the handlers: loads the model, owns the
 batcher, the sessions and the worker threads, and runs the core's whole-clip
 and streaming paths. It speaks numpy and exceptions, not HTTP.
+
+Every request's work can be abandoned: when its client goes, its deadline
+passes or the server drains for shutdown, queued model work is dropped and a
+long clip stops between windows. A streaming chunk is applied to its session
+whole or not at all: the session's state is snapshotted in the chunk's turn
+and restored if anything (cancellation included) stops it before the end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
+import math
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,11 +29,11 @@ from a2e import clip, streaming
 from a2e.checkpoint import load_model
 from a2e.config import model_dims, read_config
 from a2e.constants import SAMPLE_RATE
-from a2e.errors import A2EError, AudioError
+from a2e.errors import A2EError, AudioError, CheckpointError, ModelOutputError
 from a2e.lite import load_lite
 from a2e.loudness import LoudnessMode, StreamLoudness
 from a2e.separation import SeparationUnavailable, VocalSeparator
-from batching import MicroBatcher, ModelRunner
+from batching import CancelScope, MicroBatcher, ModelRunner
 
 from . import metrics
 from .sessions import Session, SessionStore
@@ -34,10 +42,31 @@ from .settings import ROOT, Settings
 log = logging.getLogger("a2e.service")
 
 MIN_CHUNK_SECONDS = 0.1
+# Effective length limits keep a request's model time within this share of
+# the response timeout, leaving the rest for queueing and everything else.
+LIMIT_SHARE_OF_TIMEOUT = 0.5
+# Vocal isolation works at up to 48 kHz (Demucs resamples to 44.1 kHz anyway).
+SEPARATION_MAX_RATE = 48_000
+T = TypeVar("T")
 
 
 class SeparationBusy(A2EError):
     """Too many vocal-isolation requests are running or waiting."""
+
+
+class ShuttingDown(A2EError):
+    """The server is draining for shutdown and takes no more work."""
+
+
+@dataclass
+class Limits:
+    """The length limits in force: the configured ones, lowered (with
+    ``auto_limits``) to what the model processes within half the response
+    timeout, measured at start-up."""
+
+    max_audio_s: float
+    max_chunk_s: float
+    audio_s_per_s: float | None = None  # measured model speed (seconds of audio per second)
 
 
 @dataclass
@@ -74,7 +103,12 @@ def resolve_device(name: str) -> str:
 class InferenceService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s, _session_metrics)
+        self.sessions = SessionStore(
+            settings.max_sessions, settings.session_idle_timeout_s, _session_metrics, settings.max_sessions_per_client
+        )
+        self.limits = Limits(settings.max_audio_s, settings.max_chunk_s)
+        self.draining = False
+        self._drain_expired: asyncio.Event | None = None
         self.batcher: MicroBatcher | None = None
         self.model_info: ModelInfo | None = None
         self.not_ready_reason = "model not loaded yet"
@@ -105,10 +139,19 @@ class InferenceService:
         lite_weights = s.resolve(s.lite_weight)
         lam_there = lam_weights is not None and lam_weights.exists()
         use_lite = s.model == "a2e-lite" or (s.model == "auto" and not lam_there)
+        if s.weight_is_explicit and s.model != "a2e-lite" and not lam_there:
+            raise CheckpointError(
+                f"weights file {lam_weights} (given with --weight) does not exist; fix the path, or leave --weight "
+                "out to serve the built-in a2e-lite"
+            )
         weights = lite_weights if use_lite else lam_weights
         if weights is None or not weights.exists():
-            self.not_ready_reason = f"no model weights found at {weights or '(none configured)'}"
-            log.warning("%s; serving without a model (inference answers 503). See pretrained_models/README.md", self.not_ready_reason)
+            self.not_ready_reason = f"no model weights found at {weights.name if weights else '(none configured)'}"
+            log.warning(
+                "no model weights found at %s; serving without a model (inference answers 503). "
+                "See pretrained_models/README.md",
+                weights or "(none configured)",
+            )
             return
         if s.cpu_threads > 0:
             torch.set_num_threads(s.cpu_threads)
@@ -133,8 +176,13 @@ class InferenceService:
             cuda_graphs=s.cuda_graphs,
             compile=s.compile,
         )
+        self.limits = self._effective_limits(runner)
         self.batcher = MicroBatcher(
-            runner, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue
+            runner,
+            max_batch=s.max_batch,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue=s.max_queue,
+            max_queue_wait_s=s.max_queue_wait_s,
         ).start()
         self.model_info = ModelInfo(
             name=name,
@@ -157,6 +205,33 @@ class InferenceService:
             time.perf_counter() - t0,
         )
 
+    def _effective_limits(self, runner: ModelRunner) -> Limits:
+        """Time one full batch of windows and lower the length limits so that a
+        request's model time stays within half the response timeout."""
+        s = self.settings
+        if not s.auto_limits:
+            return Limits(s.max_audio_s, s.max_chunk_s)
+        windows = np.zeros((s.max_batch, streaming.WINDOW_SAMPLES), dtype=np.float32)
+        runner.run_windows(windows, np.zeros(s.max_batch, dtype=np.int64))  # warm-up
+        t0 = time.perf_counter()
+        runner.run_windows(windows, np.zeros(s.max_batch, dtype=np.int64))
+        per_window = max((time.perf_counter() - t0) / s.max_batch, 1e-6)
+        # A long clip runs one window per second of audio; a chunk one per 2 s.
+        speed = 1.0 / per_window
+        budget = s.response_timeout_s * LIMIT_SHARE_OF_TIMEOUT
+        limits = Limits(
+            max_audio_s=min(s.max_audio_s, max(1.0, math.floor(speed * budget))),
+            max_chunk_s=min(s.max_chunk_s, max(1.0, math.floor(2 * speed * budget))),
+            audio_s_per_s=round(speed, 1),
+        )
+        if limits.max_audio_s < s.max_audio_s or limits.max_chunk_s < s.max_chunk_s:
+            log.warning(
+                "this model processes %.1f s of audio per second here: limits lowered to %g s per clip and %g s per "
+                "chunk so requests finish within the %g s response timeout (--auto-limits off keeps the configured ones)",
+                speed, limits.max_audio_s, limits.max_chunk_s, s.response_timeout_s,
+            )
+        return limits
+
     def preload_separator(self) -> None:
         try:
             self.separator.load()
@@ -178,6 +253,47 @@ class InferenceService:
         """Run ``fn`` on the I/O worker threads (decoding, encoding), off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
+    # -- draining and abandoning work ----------------------------------------
+    def begin_drain(self, grace_s: float) -> None:
+        """Take no new work; what is still running when ``grace_s`` is nearly
+        over is abandoned and answered 503, before the server closes connections."""
+        self.draining = True
+        self._drain_expired = asyncio.Event()
+        asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), self._drain_expired.set)
+        log.info("draining: new work is refused; in-flight requests have %.0f s to finish", grace_s)
+
+    def accept_work(self) -> None:
+        """Accept work again (a server started, or restarted, on this service)."""
+        self.draining = False
+        self._drain_expired = None
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+
+    async def _until_done(self, work: Awaitable[T], abandon: Callable[[], None]) -> T:
+        """Await ``work``; if the request is cancelled or the drain deadline
+        passes first, call ``abandon`` (which stops the work) and give up."""
+        fut = asyncio.ensure_future(work)
+        fut.add_done_callback(_consume_exception)
+        waiters: set[asyncio.Future] = {fut}
+        drained = None
+        if self._drain_expired is not None:
+            drained = asyncio.ensure_future(self._drain_expired.wait())
+            waiters.add(drained)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            abandon()
+            raise
+        finally:
+            if drained is not None:
+                drained.cancel()
+        if fut.done():
+            return fut.result()
+        abandon()
+        raise ShuttingDown("the server shut down before this request finished; retry on another instance")
+
     # -- whole clips -------------------------------------------------------
     async def _isolate_vocals(self, data: bytes) -> np.ndarray:
         """Decode, separate the vocals (own worker, bounded wait list), resample to 16 kHz."""
@@ -187,7 +303,10 @@ class InferenceService:
             )
         self._separation_waiting += 1
         try:
-            channels, sr = await self.run_io(lambda: audio_io.decode(data, self.settings.separation_max_s, mono=False))
+            max_s = min(self.settings.separation_max_s, self.limits.max_audio_s)
+            channels, sr = await self.run_io(
+                lambda: audio_io.decode(data, max_s, mono=False, max_rate=SEPARATION_MAX_RATE)
+            )
             loop = asyncio.get_running_loop()
             voice = await loop.run_in_executor(self.separation_pool, self.separator.vocals, channels, sr)
         finally:
@@ -206,15 +325,17 @@ class InferenceService:
         loudness: LoudnessMode = LoudnessMode.OFF,
     ) -> tuple[np.ndarray, float]:
         assert self.batcher is not None
+        self.check_accepting()
         if ex_vol:
             audio = await self._isolate_vocals(data)
         else:
-            audio = await self.run_io(audio_io.load, data, self.settings.max_audio_s)
+            audio = await self.run_io(audio_io.load, data, self.limits.max_audio_s)
         rng = np.random.default_rng(seed)
-        frames = await asyncio.get_running_loop().run_in_executor(
+        scope = CancelScope(self.batcher)
+        work = asyncio.get_running_loop().run_in_executor(
             self.clip_pool,
             lambda: clip.infer_clip(
-                self.batcher,
+                scope,
                 audio,
                 identity,
                 rng,
@@ -225,6 +346,9 @@ class InferenceService:
                 target_lufs=self.settings.loudness_target_lufs,
             ),
         )
+        frames = await self._until_done(work, scope.cancel)
+        if not np.isfinite(frames).all():
+            raise ModelOutputError("post-processing produced non-finite values")
         seconds = len(audio) / SAMPLE_RATE
         metrics.AUDIO_SECONDS.labels("clip").inc(seconds)
         metrics.FRAMES.labels("clip").inc(len(frames))
@@ -232,8 +356,14 @@ class InferenceService:
 
     # -- streaming -----------------------------------------------------------
     def open_session(
-        self, identity: int, seed: int | None, mode: str, loudness: LoudnessMode = LoudnessMode.OFF
+        self,
+        identity: int,
+        seed: int | None,
+        mode: str,
+        loudness: LoudnessMode = LoudnessMode.OFF,
+        client: str = "",
     ) -> Session:
+        self.check_accepting()
         rng = np.random.default_rng(seed if seed is not None else secrets.randbits(64))
         context = streaming.ContextMode(mode)
         state = streaming.StreamState(
@@ -245,7 +375,7 @@ class InferenceService:
         )
         if state.loudness_mode is not LoudnessMode.OFF:
             state.loudness = StreamLoudness(self.settings.loudness_target_lufs)
-        return self.sessions.create(state)
+        return self.sessions.create(state, client)
 
     def close_session(self, session_id: str) -> Session | None:
         return self.sessions.close(session_id)
@@ -257,43 +387,47 @@ class InferenceService:
         return n
 
     async def stream_chunk(self, session: Session, data: bytes) -> ChunkResult:
-        """Process one chunk of a session, in the order chunks arrived."""
+        """Process one chunk of a session, in the order chunks arrived, and
+        apply it to the session whole or not at all."""
         assert self.batcher is not None
-        ticket = session.ticket()
+        self.check_accepting()
+        turn = session.turn()
         try:
-            audio = await self.run_io(audio_io.load, data, self.settings.max_chunk_s)
+            audio = await self.run_io(audio_io.load, data, self.limits.max_chunk_s)
             if len(audio) < MIN_CHUNK_SECONDS * SAMPLE_RATE:
                 raise AudioError(
                     f"audio chunk too short: {len(audio)} samples at 16 kHz ({len(audio) / SAMPLE_RATE:.3f} s); "
                     f"at least {int(MIN_CHUNK_SECONDS * SAMPLE_RATE)} samples (0.1 s) are needed"
                 )
         except BaseException:
-            await session.skip(ticket)
+            turn.skip()
             raise
         state = session.state
-        try:
-            async with session.turn(ticket, "plan"):
-                saved = (state.previous_audio, copy.deepcopy(state.loudness))
+        async with turn:
+            saved = state.snapshot()
+            future = None
+            try:
                 plans = streaming.plan_chunk(state, audio)
-                try:
-                    future = self.batcher.submit_windows(
-                        np.stack([p.window for p in plans]), np.full(len(plans), state.identity)
-                    )
-                except BaseException:
-                    state.previous_audio, state.loudness = saved  # nothing ran: the context stays as it was
-                    raise
-            model_out = await asyncio.wrap_future(future)
-        except BaseException:
-            async with session.turn(ticket, "finish"):
-                pass
-            raise
-        async with session.turn(ticket, "finish"):
-            start_time = state.frames_sent / 30.0
-            frames = np.concatenate([streaming.finish_chunk(state, p, o) for p, o in zip(plans, model_out)])
+                future = self.batcher.submit_windows(
+                    np.stack([p.window for p in plans]), np.full(len(plans), state.identity)
+                )
+                model_out = await self._until_done(asyncio.wrap_future(future), future.cancel)
+                start_time = state.frames_sent / 30.0
+                frames = np.concatenate([streaming.finish_chunk(state, p, o) for p, o in zip(plans, model_out)])
+                if not np.isfinite(frames).all():
+                    raise ModelOutputError("post-processing produced non-finite values")
+            except BaseException:
+                state.restore(saved)  # nothing of this chunk stays: context, frames, generator, level
+                raise
             session.chunks_done += 1
             index = session.chunks_done
-            session.last_used = time.monotonic()
         seconds = len(audio) / SAMPLE_RATE
         metrics.AUDIO_SECONDS.labels("stream").inc(seconds)
         metrics.FRAMES.labels("stream").inc(len(frames))
         return ChunkResult(frames, index, seconds, start_time)
+
+
+def _consume_exception(fut: asyncio.Future) -> None:
+    # Abandoned work may still fail later (Cancelled); that is expected, not worth a warning.
+    if not fut.cancelled():
+        fut.exception()

@@ -1,10 +1,12 @@
-"""Streaming sessions: creation, lookup, idle expiry, a cap on their number,
-and strict per-session ordering of chunks.
+"""Streaming sessions: creation, lookup, idle expiry, caps on their number
+(in all and per client address), and strict per-session ordering of chunks.
 
-A chunk takes a ticket when its request arrives. Its audio context is
-planned in ticket order and its frames are post-processed in ticket order,
-whatever order decoding and the model finish in; a chunk that fails gives
-its turn up so the next one proceeds.
+A chunk takes a turn when its request arrives; turns form a chain, each
+waiting for the one before it. A chunk decodes its audio before its turn (in
+parallel with others) and is applied to the session inside its turn, whole
+or not at all. A turn whose request fails, or is cancelled while it waits,
+passes on to the next one as soon as the one before it is over, so one
+client that hangs up never blocks the chunks behind it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from a2e.streaming import StreamState
@@ -23,72 +24,102 @@ class SessionLimitReached(RuntimeError):
     pass
 
 
+class Turn:
+    """One chunk's place in its session's order."""
+
+    def __init__(self, previous: asyncio.Future | None, mine: asyncio.Future) -> None:
+        self._previous = previous
+        self._mine = mine
+
+    async def __aenter__(self) -> "Turn":
+        if self._previous is not None and not self._previous.done():
+            try:
+                await asyncio.shield(self._previous)
+            except asyncio.CancelledError:
+                self.skip()  # passes on once the one before is over
+                raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._finish()
+
+    def skip(self) -> None:
+        """Give the turn up without taking it (the chunk failed before its turn)."""
+        if self._previous is None or self._previous.done():
+            self._finish()
+        else:
+            self._previous.add_done_callback(lambda _: self._finish())
+
+    def _finish(self) -> None:
+        if not self._mine.done():
+            self._mine.set_result(None)
+
+
 @dataclass
 class Session:
     id: str
     state: StreamState
+    client: str = ""
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     chunks_done: int = 0
-    _next_ticket: int = 0
-    _planned: int = 0
-    _finished: int = 0
-    _cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _tail: asyncio.Future | None = None
+    _pending: int = 0
 
     @property
     def in_flight(self) -> int:
-        return self._next_ticket - self._finished
+        return self._pending
 
-    def ticket(self) -> int:
+    def turn(self) -> Turn:
+        """The next place in this session's order (take it when the request arrives)."""
         self.last_used = time.monotonic()
-        t = self._next_ticket
-        self._next_ticket += 1
-        return t
+        mine = asyncio.get_running_loop().create_future()
+        turn = Turn(self._tail, mine)
+        self._tail = mine
+        self._pending += 1
+        mine.add_done_callback(self._turn_over)
+        return turn
 
-    @asynccontextmanager
-    async def turn(self, ticket: int, stage: str) -> Iterator[None]:
-        """Hold the session for ``stage`` ('plan' or 'finish') in ticket order."""
-        attr = "_planned" if stage == "plan" else "_finished"
-        async with self._cond:
-            await self._cond.wait_for(lambda: getattr(self, attr) >= ticket)
-        try:
-            yield
-        finally:
-            async with self._cond:
-                setattr(self, attr, max(getattr(self, attr), ticket + 1))
-                self._cond.notify_all()
-
-    async def skip(self, ticket: int) -> None:
-        """Give up both turns of a failed chunk (in order, so nothing is skipped early)."""
-        async with self.turn(ticket, "plan"):
-            pass
-        async with self.turn(ticket, "finish"):
-            pass
+    def _turn_over(self, _: asyncio.Future) -> None:
+        self._pending -= 1
+        self.last_used = time.monotonic()
 
 
 class SessionStore:
     def __init__(
-        self, max_sessions: int, idle_timeout_s: float, on_change: Callable[[int, int], None] | None = None
+        self,
+        max_sessions: int,
+        idle_timeout_s: float,
+        on_change: Callable[[int, int], None] | None = None,
+        max_per_client: int | None = None,
     ) -> None:
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client or max_sessions
         self.idle_timeout_s = idle_timeout_s
         self._sessions: dict[str, Session] = {}
+        self._per_client: dict[str, int] = {}
         # Told (open sessions, newly expired) whenever either changes.
         self._on_change = on_change or (lambda active, expired: None)
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, state: StreamState) -> Session:
-        if len(self._sessions) >= self.max_sessions:
+    def create(self, state: StreamState, client: str = "") -> Session:
+        if len(self._sessions) >= self.max_sessions or self._per_client.get(client, 0) >= self.max_per_client:
             self.expire()
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimitReached(
                 f"the server has reached its limit of {self.max_sessions} open streaming sessions; "
                 "close finished sessions (DELETE /api/infer_stream_close/{session_id}) or retry later"
             )
-        session = Session(id=str(uuid.uuid4()), state=state)
+        if self._per_client.get(client, 0) >= self.max_per_client:
+            raise SessionLimitReached(
+                f"this client ({client}) has {self.max_per_client} open streaming sessions, the limit per client; "
+                "close finished sessions (DELETE /api/infer_stream_close/{session_id}) or retry later"
+            )
+        session = Session(id=str(uuid.uuid4()), state=state, client=client)
         self._sessions[session.id] = session
+        self._per_client[client] = self._per_client.get(client, 0) + 1
         self._on_change(len(self._sessions), 0)
         return session
 
@@ -107,11 +138,20 @@ class SessionStore:
             self._on_change(len(self._sessions), 0)
         return session
 
+    def open_for(self, client: str) -> int:
+        return self._per_client.get(client, 0)
+
     def _is_idle(self, session: Session, now: float) -> bool:
         return session.in_flight == 0 and now - session.last_used > self.idle_timeout_s
 
     def _drop(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)
+        if self._sessions.pop(session.id, None) is None:
+            return
+        left = self._per_client.get(session.client, 1) - 1
+        if left > 0:
+            self._per_client[session.client] = left
+        else:
+            self._per_client.pop(session.client, None)
 
     def expire(self) -> int:
         """Close sessions idle for longer than the timeout; returns how many."""

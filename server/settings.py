@@ -53,6 +53,22 @@ class Settings:
     separation_preload: bool = field(default=False, metadata={"help": "load the separation model at start-up instead of on first use"})
     separation_max_s: float = field(default=120.0, metadata={"help": "longest audio for ex_vol=true (seconds)"})
     separation_queue: int = field(default=4, metadata={"help": "ex_vol requests running or waiting at most; beyond it 503"})
+    response_timeout_s: float = field(default=60.0, metadata={"help": "longest time a request may take; its work is cancelled after it"})
+    auto_limits: bool = field(default=True, metadata={"help": "lower max-audio-s/max-chunk-s to what the model can process within half the response timeout (measured at start-up)"})
+    max_queue_wait_s: float = field(default=15.0, metadata={"help": "refuse work (503) when the queue already holds this much estimated model time"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "longest time from a request's first byte to the end of its headers"})
+    body_idle_timeout_s: float = field(default=10.0, metadata={"help": "longest silence while a request body is read"})
+    body_min_rate_kb: float = field(default=64.0, metadata={"help": "slowest body upload accepted (KiB/s, after body-idle-timeout-s of grace)"})
+    keep_alive_timeout_s: float = field(default=30.0, metadata={"help": "close idle keep-alive connections after this"})
+    max_connections: int = field(default=1000, metadata={"help": "open connections at most (also kept below the open-files limit)"})
+    upload_memory_mb: float = field(default=256.0, metadata={"help": "request bodies held in memory at once (MB); beyond it 503 + Retry-After"})
+    graceful_shutdown_s: float = field(default=15.0, metadata={"help": "on SIGTERM, time to finish in-flight requests (the rest answer 503)"})
+    max_sessions_per_client: int = field(default=100, metadata={"help": "open streaming sessions per client address"})
+    api_key: str | None = field(default=None, metadata={"help": "require this key (X-API-Key or Authorization: Bearer) on all endpoints but health and metrics"})
+    cors_origins: str = field(default="", metadata={"help": "comma-separated origins allowed to call from a browser ('*' for any); empty: no cross-origin use"})
+    health_detail: bool = field(default=False, metadata={"help": "show absolute file paths in /api/health"})
+    # Where each setting came from (flag, env, file, default-config); not a setting itself.
+    sources: dict = field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
     cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     io_workers: int = field(default=4, metadata={"help": "threads for decoding, post-processing and serialisation"})
 
@@ -67,13 +83,25 @@ class Settings:
             raise ConfigError(f"loudness must be off, gates or normalize, got {self.loudness!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
-        for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue"):
+        for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue", "max_connections", "max_sessions_per_client"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        for name in ("session_idle_timeout_s", "max_upload_mb", "max_audio_s", "max_chunk_s", "single_pass_max_s", "separation_max_s"):
+        for name in ("session_idle_timeout_s", "max_upload_mb", "max_audio_s", "max_chunk_s", "single_pass_max_s", "separation_max_s",
+                     "response_timeout_s", "max_queue_wait_s", "header_timeout_s", "body_idle_timeout_s", "body_min_rate_kb",
+                     "keep_alive_timeout_s", "upload_memory_mb", "graceful_shutdown_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         return self
+
+    @property
+    def weight_is_explicit(self) -> bool:
+        """A weights path the user gave (flag, environment, own config file, or in code):
+        if it is missing, that is a mistake to report, not a reason to fall back."""
+        return self.weight is not None and self.sources.get("weight") != "default-config"
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
     @property
     def max_upload_bytes(self) -> int:
@@ -89,7 +117,8 @@ class Settings:
         return ROOT / p
 
 
-_TYPES = get_type_hints(Settings)
+_TYPES = {name: kind for name, kind in get_type_hints(Settings).items() if name != "sources"}
+_SETTINGS = [f for f in fields(Settings) if not f.metadata.get("internal")]
 
 
 def _parse_bool(text: str) -> bool:
@@ -119,7 +148,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="LAM-A2E inference server (audio -> 52 ARKit blendshapes at 30 fps)")
-    for f in fields(Settings):
+    for f in _SETTINGS:
         flag = "--" + f.name.replace("_", "-")
         if _TYPES[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
@@ -132,7 +161,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
     """Defaults <- config file <- environment <- flags."""
     environ = os.environ if environ is None else environ
     flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    env = {f.name: environ[f"A2E_{f.name.upper()}"] for f in fields(Settings) if f"A2E_{f.name.upper()}" in environ}
+    env = {f.name: environ[f"A2E_{f.name.upper()}"] for f in _SETTINGS if f"A2E_{f.name.upper()}" in environ}
     config_file = flags.get("config_file") or env.get("config_file") or DEFAULT_CONFIG
     settings = Settings(config_file=config_file)
     path = settings.resolve(config_file)
@@ -142,7 +171,9 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         file_values = {k: v for k, v in read_config(path).items() if k in _TYPES and k not in ("config_file", "model")}
     elif config_file != DEFAULT_CONFIG:
         raise ConfigError(f"config file {config_file} does not exist")
-    for source in (file_values, env, flags):
-        for name, value in source.items():
+    file_source = "default-config" if config_file == DEFAULT_CONFIG else "file"
+    for source, values in ((file_source, file_values), ("env", env), ("flag", flags)):
+        for name, value in values.items():
             setattr(settings, name, _coerce(name, value))
+            settings.sources[name] = source
     return settings.validate()

@@ -134,13 +134,14 @@ def test_plain_wav_fast_path_equals_libsndfile(subtype, channels):
     rng = np.random.default_rng(channels)
     x = np.clip(rng.standard_normal((4801, channels)) * 0.3, -1, 1).astype(np.float32)
     data = wav_bytes(x, 22050, subtype=subtype)
-    fast = audio._read_plain_wav(data)
-    assert fast is not None  # 3 channels are written as WAVE_FORMAT_EXTENSIBLE
+    src = audio._plain_wav(data)
+    assert src is not None  # 3 channels are written as WAVE_FORMAT_EXTENSIBLE
     with sf.SoundFile(io.BytesIO(data)) as f:
         want = f.read(dtype="float32", always_2d=True)
-    assert fast[1] == 22050
-    assert fast[0].shape == want.shape
-    assert np.array_equal(fast[0], want)
+    assert (src.sample_rate, src.channels, src.frames) == (22050, channels, 4801)
+    fast = np.concatenate(list(src.blocks()))
+    assert fast.shape == want.shape
+    assert np.array_equal(fast, want)
 
 
 def test_fast_path_skips_extra_chunks_and_falls_back_when_unsure():
@@ -153,6 +154,6 @@ def test_fast_path_skips_extra_chunks_and_falls_back_when_unsure():
     patched = patched[:4] + (len(patched) - 8).to_bytes(4, "little") + patched[8:]
     mono, sr = audio.decode(patched)
     assert sr == 16000 and np.allclose(mono, audio.decode(data)[0])
-    assert audio._read_plain_wav(wav_bytes(x, fmt="FLAC")) is None
-    assert audio._read_plain_wav(wav_bytes(x, subtype="ULAW")) is None  # not PCM: libsndfile decodes it
+    assert audio._plain_wav(wav_bytes(x, fmt="FLAC")) is None
+    assert audio._plain_wav(wav_bytes(x, subtype="ULAW")) is None  # not PCM: libsndfile decodes it
     assert len(audio.decode(wav_bytes(x, subtype="ULAW"))[0]) == 1600

@@ -1,0 +1,83 @@
+"""Who may call, and from where: the optional API key, the cross-origin
+(CORS) policy, and the headers every response carries.
+
+Browsers send multipart POSTs and ``text/plain`` bodies across origins
+without asking first, so leaving out CORS headers is not enough to keep
+other web sites from using the server through a visitor's browser: a request
+from a foreign ``Origin`` is refused (403) unless the operator listed it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from urllib.parse import urlsplit
+
+from sanic.request import Request
+from sanic.response import HTTPResponse
+
+from .forms import RequestError
+
+# Reachable without the API key: monitoring must work without secrets.
+OPEN_PATHS = frozenset({"/api/health", "/metrics"})
+ALLOWED_HEADERS = "Content-Type, Authorization, X-API-Key, X-Request-ID"
+ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
+PREFLIGHT_MAX_AGE_S = 600
+
+
+def check_api_key(request: Request, key: str | None) -> None:
+    if not key or request.path in OPEN_PATHS or request.method == "OPTIONS":
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+        raise RequestError(
+            401,
+            "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
+            {"WWW-Authenticate": 'Bearer realm="lam-a2e"'},
+        )
+
+
+def _same_origin(request: Request, origin: str) -> bool:
+    host = request.headers.get("host", "")
+    return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
+
+
+def allowed_origin(request: Request, allowed: tuple[str, ...]) -> str | None:
+    """The request's Origin when it is a cross-origin request the operator allows.
+
+    Raises 403 for a cross-origin request that is not allowed; returns None for
+    same-origin and non-browser requests (no Origin header)."""
+    origin = request.headers.get("origin")
+    if not origin or _same_origin(request, origin):
+        return None
+    if "*" in allowed or origin.rstrip("/") in allowed:
+        return origin
+    raise RequestError(
+        403,
+        f"cross-origin requests from {origin} are not allowed; the operator can allow origins with --cors-origins",
+    )
+
+
+def preflight(origin: str) -> HTTPResponse:
+    return HTTPResponse(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": ALLOWED_METHODS,
+            "Access-Control-Allow-Headers": ALLOWED_HEADERS,
+            "Access-Control-Max-Age": str(PREFLIGHT_MAX_AGE_S),
+            "Vary": "Origin",
+        },
+    )
+
+
+def decorate(response: HTTPResponse, request_id: str, origin: str | None) -> None:
+    """Headers on every response: no MIME sniffing, the request id, CORS when allowed."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Request-ID"] = request_id
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After"
+        response.headers["Vary"] = "Origin"

@@ -1,0 +1,192 @@
+"""Connections and request bodies under hostile clients: a cap on open
+connections, deadlines that a client trickling bytes cannot extend, and a
+memory budget for request bodies held at once.
+
+Sanic's own timeouts restart on every byte received, so a client sending a
+byte a second holds a connection (and its buffer) forever. Here:
+
+* headers must be complete within ``header_timeout_s`` of their first byte;
+* a body must keep arriving (no silence longer than ``body_idle_timeout_s``)
+  and arrive at ``body_min_rate_kb`` KiB/s on average after that much grace;
+* past a deadline the client gets 408 and the connection is closed, and
+  aborted a second later if the client still does not let go;
+* connections beyond ``max_connections`` (kept below the process's
+  open-files limit) get 503 and are closed at once;
+* a body is read only when its declared size fits the upload memory budget
+  (503 + Retry-After otherwise), and its share is returned when the request
+  ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import threading
+import time
+from dataclasses import dataclass
+
+from sanic.exceptions import RequestTimeout
+from sanic.request import Request
+from sanic.server.protocols.http_protocol import HttpProtocol
+
+from . import metrics
+
+log = logging.getLogger("a2e.connections")
+
+CHECK_INTERVAL_S = 0.5
+ABORT_AFTER_S = 1.0
+# File descriptors kept free for the model, logs, and the listening socket.
+RESERVED_FDS = 64
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"retry-after: 1\r\ncontent-length: 64\r\n\r\n"
+    + b'{"detail": "the server has too many open connections; retry"}'.ljust(64)
+)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    header_timeout_s: float
+    body_idle_timeout_s: float
+    body_min_rate: float  # bytes per second
+
+
+def max_connections_allowed(wanted: int) -> int:
+    """``wanted``, lowered to what the open-files limit allows."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - RESERVED_FDS))
+
+
+class UploadBudget:
+    """Bytes of request bodies that may be held in memory at once."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, size: int) -> bool:
+        with self._lock:
+            # One body is always admitted when nothing else is held, so no
+            # legal request can be refused forever.
+            if self.used and self.used + size > self.limit:
+                return False
+            self.used += size
+        metrics.UPLOAD_BYTES_HELD.set(self.used)
+        return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - size)
+        metrics.UPLOAD_BYTES_HELD.set(self.used)
+
+
+class UploadRefused(Exception):
+    """The upload budget is spent: answered 503 with Retry-After before the body is read."""
+
+
+class BoundedRequest(Request):
+    """A request whose body is read only within the upload memory budget."""
+
+    async def receive_body(self) -> None:
+        budget: UploadBudget | None = getattr(self.app.ctx, "upload_budget", None)
+        # Only Sanic's own server (not ASGI, whose server owns reading) says request_body.
+        if budget is not None and getattr(self.stream, "request_body", None):
+            declared = self.headers.get("content-length", "")
+            size = int(declared) if declared.isdigit() else int(self.app.config.REQUEST_MAX_SIZE)
+            if not budget.acquire(size):
+                metrics.UPLOADS_REFUSED.inc()
+                raise UploadRefused(f"too many large uploads in progress ({budget.used // 2**20} MiB held); retry")
+            self.ctx.upload_held = size
+        await super().receive_body()
+
+
+def release_upload(request: Request | None) -> None:
+    """Return the request's share of the upload budget (idempotent)."""
+    if request is None:
+        return
+    held = getattr(request.ctx, "upload_held", 0)
+    if held:
+        request.ctx.upload_held = 0
+        budget: UploadBudget | None = getattr(request.app.ctx, "upload_budget", None)
+        if budget is not None:
+            budget.release(held)
+
+
+class GuardedHttpProtocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol with a connection cap and deadlines that do
+    not restart on every byte (see the module docstring)."""
+
+    __slots__ = ("_refused", "_guard_timer", "_stage", "_stage_since", "_aborting")
+
+    def connection_made(self, transport) -> None:
+        self._refused = False
+        self._guard_timer = None
+        self._stage = None
+        self._stage_since = time.monotonic()
+        self._aborting = False
+        limits: ConnectionLimits = self.app.ctx.connection_limits
+        if len(self.connections) >= limits.max_connections:
+            self._refused = True
+            metrics.CONNECTIONS_REFUSED.inc()
+            transport.write(_REFUSED)
+            transport.close()
+            return
+        super().connection_made(transport)
+        metrics.CONNECTIONS_OPEN.set(len(self.connections))
+        self._guard_timer = self.loop.call_later(CHECK_INTERVAL_S, self._check_deadlines)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        if self._refused:
+            return
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+        if self._http is not None:
+            release_upload(self._http.request)
+        super().connection_lost(exc)
+        metrics.CONNECTIONS_OPEN.set(len(self.connections))
+
+    def _check_deadlines(self) -> None:
+        self._guard_timer = None
+        http = self._http
+        if http is None or self.transport is None or self.transport.is_closing():
+            return
+        now = time.monotonic()
+        if http.stage is not self._stage:
+            self._stage, self._stage_since = http.stage, now
+        limits: ConnectionLimits = self.app.ctx.connection_limits
+        in_stage = now - self._stage_since
+        reason = None
+        if http.stage.name == "REQUEST" and in_stage > limits.header_timeout_s:
+            reason = f"headers not complete within {limits.header_timeout_s:g} s"
+        elif http.stage.name == "HANDLER" and http.request_body:
+            allowed = limits.body_idle_timeout_s + http.request_bytes / limits.body_min_rate
+            if now - self._time > limits.body_idle_timeout_s:
+                reason = f"no body data for {limits.body_idle_timeout_s:g} s"
+            elif in_stage > allowed:
+                reason = f"body slower than {limits.body_min_rate / 1024:g} KiB/s"
+        if reason is not None:
+            self._time_out(reason)
+            return
+        self._guard_timer = self.loop.call_later(CHECK_INTERVAL_S, self._check_deadlines)
+
+    def _time_out(self, reason: str) -> None:
+        metrics.SLOW_CLIENTS_CUT.inc()
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        log.info("closing a slow connection from %s: %s", peer[0] if peer else "?", reason)
+        if self._http is not None and self._task is not None:
+            self._http.exception = RequestTimeout(f"Request Timeout: {reason}")
+            self._task.cancel()
+        # If the 408 cannot be written or the client keeps the socket, drop it.
+        self.loop.call_later(ABORT_AFTER_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.abort()
