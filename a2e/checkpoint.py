@@ -37,6 +37,22 @@ def _is_safetensors(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28)
 
 
+def _verify_zip(path: Path) -> None:
+    """Check every record against the CRC-32 the archive stores for it; torch.load
+    does not, and a damaged file would otherwise serve wrong numbers silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
+    if bad is not None:
+        hint = " (the storage of one or more tensors)" if "/data/" in bad else ""
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: record {bad!r}{hint} does not match its CRC-32 checksum; "
+            "download or copy the file again"
+        )
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read the tensors of a checkpoint file (torch zip pickle, legacy pickle or
     safetensors), choosing the format by content, never running pickled code."""
@@ -57,6 +73,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path} is truncated or damaged (its zip directory is unreadable)")
+    if head.startswith(b"PK"):
+        _verify_zip(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

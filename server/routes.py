@@ -143,24 +143,26 @@ async def infer(request: Request) -> HTTPResponse:
     seed = forms.parse_int(forms.form_field(request, "seed"), "seed", None, 0, 2**63 - 1)
     loudness = _loudness(forms.form_field(request, "loudness"), service)
     data = forms.file_field(request, "audio_file")
-    frames, seconds = await service.infer_clip(
-        data,
-        identity,
-        movement_smooth=movement_smooth,
-        brow_movement=brow,
-        seed=seed,
-        ex_vol=ex_vol,
-        loudness=loudness,
-    )
-    body = responses.animation(
-        frames,
-        inference_time=time.perf_counter() - started,
-        audio_length=seconds,
-        id_idx=identity,
-        ex_vol=ex_vol,
-        loudness=loudness.value,
-    )
-    return await _encode(service, body, len(frames))
+    # Holding a slot from decoding to the encoded answer bounds memory (see InferenceService.clip_slot).
+    async with service.clip_slot():
+        frames, seconds = await service.infer_clip(
+            data,
+            identity,
+            movement_smooth=movement_smooth,
+            brow_movement=brow,
+            seed=seed,
+            ex_vol=ex_vol,
+            loudness=loudness,
+        )
+        body = responses.animation(
+            frames,
+            inference_time=time.perf_counter() - started,
+            audio_length=seconds,
+            id_idx=identity,
+            ex_vol=ex_vol,
+            loudness=loudness.value,
+        )
+        return await _encode(service, body, len(frames))
 
 
 @bp.post("/api/infer_stream_init")

@@ -109,6 +109,9 @@ class InferenceService:
         self.limits = Limits(settings.max_audio_s, settings.max_chunk_s)
         self.draining = False
         self._drain_expired: asyncio.Event | None = None
+        # A whole clip's decoded audio, animation and JSON run to ~100 MB at
+        # the length limit; bounding how many are in progress bounds memory.
+        self._clip_slots: asyncio.Semaphore | None = None
         self.batcher: MicroBatcher | None = None
         self.model_info: ModelInfo | None = None
         self.not_ready_reason = "model not loaded yet"
@@ -262,10 +265,17 @@ class InferenceService:
         asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), self._drain_expired.set)
         log.info("draining: new work is refused; in-flight requests have %.0f s to finish", grace_s)
 
+    def clip_slot(self) -> asyncio.Semaphore:
+        """Held by a whole-clip request from decoding to its encoded answer."""
+        if self._clip_slots is None:
+            self._clip_slots = asyncio.Semaphore(self.settings.max_concurrent_clips)
+        return self._clip_slots
+
     def accept_work(self) -> None:
         """Accept work again (a server started, or restarted, on this service)."""
         self.draining = False
         self._drain_expired = None
+        self._clip_slots = None  # bound to the running loop on first use
 
     def check_accepting(self) -> None:
         if self.draining:

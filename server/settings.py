@@ -61,7 +61,8 @@ class Settings:
     body_min_rate_kb: float = field(default=64.0, metadata={"help": "slowest body upload accepted (KiB/s, after body-idle-timeout-s of grace)"})
     keep_alive_timeout_s: float = field(default=30.0, metadata={"help": "close idle keep-alive connections after this"})
     max_connections: int = field(default=1000, metadata={"help": "open connections at most (also kept below the open-files limit)"})
-    upload_memory_mb: float = field(default=256.0, metadata={"help": "request bodies held in memory at once (MB); beyond it 503 + Retry-After"})
+    max_concurrent_clips: int = field(default=4, metadata={"help": "whole clips decoded, animated and encoded at once; more wait holding only their upload"})
+    upload_memory_mb: float = field(default=128.0, metadata={"help": "request bodies held in memory at once (MB); beyond it 503 + Retry-After"})
     graceful_shutdown_s: float = field(default=15.0, metadata={"help": "on SIGTERM, time to finish in-flight requests (the rest answer 503)"})
     max_sessions_per_client: int = field(default=100, metadata={"help": "open streaming sessions per client address"})
     api_key: str | None = field(default=None, metadata={"help": "require this key (X-API-Key or Authorization: Bearer) on all endpoints but health and metrics"})
@@ -83,7 +84,7 @@ class Settings:
             raise ConfigError(f"loudness must be off, gates or normalize, got {self.loudness!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
-        for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue", "max_connections", "max_sessions_per_client"):
+        for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue", "max_connections", "max_sessions_per_client", "max_concurrent_clips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("session_idle_timeout_s", "max_upload_mb", "max_audio_s", "max_chunk_s", "single_pass_max_s", "separation_max_s",

@@ -130,3 +130,20 @@ def test_one_sample_wav_decodes():
     assert len(audio.load(wav_bytes(np.array([0.5], dtype=np.float32)))) == 1
     with pytest.raises(AudioError, match="no samples"):
         audio.load(wav_bytes(np.array([0.5], dtype=np.float32), 48000))  # nothing left at 16 kHz
+
+
+def test_corrupt_checkpoint_names_the_damaged_record(checkpoint, tmp_path):
+    import zipfile
+
+    from a2e.checkpoint import read_state_dict
+
+    with zipfile.ZipFile(checkpoint) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(checkpoint.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 64
+    data[start : start + 256] = bytes(256)  # zero part of the largest tensor, as a bad copy would
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=f"record '{info.filename}'.*CRC-32"):
+        read_state_dict(bad)
+    assert len(read_state_dict(checkpoint)) > 0  # the intact file still loads
