@@ -79,7 +79,7 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
     release_upload(request)
     if isinstance(exc, RequestError):
         return responses.error(exc.status, exc.detail, exc.headers)
-    if isinstance(exc, RequestCancelled) or (isinstance(exc, Cancelled)):
+    if isinstance(exc, (RequestCancelled, Cancelled)):
         metrics.CLIENT_DISCONNECTS.labels(_endpoint(request)).inc()
         log.info("client went away before the answer: %s %s (request %s)", request.method, request.path, _request_id(request))
         return responses.error(CLIENT_CLOSED, "client closed the connection")
@@ -145,6 +145,8 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> S
     app.ctx.service = service or InferenceService(settings)
     app.blueprint(bp)
     app.error_handler.add(Exception, _error_response)
+    # A client that hangs up: Sanic's RequestCancelled is a CancelledError, not an Exception.
+    app.error_handler.add(RequestCancelled, _error_response)
 
     @app.before_server_start
     async def load_model(app: Sanic) -> None:

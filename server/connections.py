@@ -14,7 +14,11 @@ byte a second holds a connection (and its buffer) forever. Here:
   open-files limit) get 503 and are closed at once;
 * a body is read only when its declared size fits the upload memory budget
   (503 + Retry-After otherwise), and its share is returned when the request
-  ends, however it ends.
+  ends, however it ends;
+* once a request's body is in, reading resumes, so a client that hangs up
+  while its request is processed is noticed (Sanic pauses reading when its
+  buffer fills and would otherwise see the close only when it answers), and
+  the request's work is cancelled.
 """
 
 from __future__ import annotations
@@ -102,6 +106,10 @@ class BoundedRequest(Request):
                 raise UploadRefused(f"too many large uploads in progress ({budget.used // 2**20} MiB held); retry")
             self.ctx.upload_held = size
         await super().receive_body()
+        # Read on (Sanic paused when its buffer filled) to notice a hang-up while the request is processed.
+        resume = getattr(self.transport, "resume_reading", None)
+        if resume is not None and getattr(self.stream, "request_body", True) is None:
+            resume()
 
 
 def release_upload(request: Request | None) -> None:
@@ -175,6 +183,8 @@ class GuardedHttpProtocol(HttpProtocol):
         if reason is not None:
             self._time_out(reason)
             return
+        if http.stage.name == "HANDLER" and not http.request_body and len(self.recv_buffer) < self.app.config.REQUEST_BUFFER_SIZE:
+            self.transport.resume_reading()  # to notice a hang-up; data_received pauses again when full
         self._guard_timer = self.loop.call_later(CHECK_INTERVAL_S, self._check_deadlines)
 
     def _time_out(self, reason: str) -> None:

@@ -31,7 +31,7 @@ def server(checkpoint, config_file):
         "app.py", "--config-file", str(config_file), "--weight", str(checkpoint),
         "--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-idle-timeout-s", str(BODY_IDLE_S),
         "--body-min-rate-kb", "64", "--max-connections", str(MAX_CONNECTIONS),
-        "--max-upload-mb", "2", "--upload-memory-mb", "1.5",
+        "--max-upload-mb", "2", "--upload-memory-mb", "1.5", "--single-pass-max-s", "5",
     ]  # fmt: skip
     proc = start(args, port, env)
     yield "127.0.0.1", port
@@ -165,6 +165,35 @@ def test_uploads_beyond_the_memory_budget_are_refused_before_their_body(server):
     time.sleep(0.3)  # the holder's share is returned when its connection goes
     res = requests.post(url(server, "/api/infer"), files={"audio_file": ("a.wav", wav_bytes(speech_like(1.0)))})
     assert res.status_code == 200, res.text
+
+
+def test_a_client_that_hangs_up_is_a_disconnect_not_a_500(server):
+    def counts():
+        text = requests.get(url(server, "/metrics")).text
+        lines = [line for line in text.splitlines() if 'endpoint="/api/infer"' in line and not line.startswith("#")]
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines}
+
+    clip = wav_bytes(speech_like(45.0))  # 1.4 MB: runs as 45 windows (--single-pass-max-s 5)
+    boundary = "hangup"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="a.wav"\r\n\r\n'.encode()
+        + clip
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    sock = connect(server)
+    sock.sendall(
+        f"POST /api/infer HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    sock.close()  # gone before the answer
+    deadline = time.time() + 5
+    while time.time() < deadline and not any("disconnects" in k for k in counts()):
+        time.sleep(0.1)
+    seen = counts()
+    assert seen.get('a2e_http_client_disconnects_total{endpoint="/api/infer"}', 0) >= 1, seen
+    assert not any('status="500"' in k for k in seen), seen
+    assert healthy(server)
 
 
 def test_sigterm_just_after_the_port_opens_exits_cleanly(checkpoint, config_file):
