@@ -39,7 +39,8 @@ from server.connections import (
 from server.forms import RequestError
 from server.logs import configure_logging
 from server.routes import bp
-from server.service import InferenceService, SeparationBusy, ShuttingDown
+from server.front import Engine, Front
+from server.service import InferenceService, SeparationBusy, SessionNotFound, ShuttingDown
 from server.sessions import SessionLimitReached
 from server.settings import Settings, load_settings
 
@@ -97,6 +98,8 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         return responses.error(503, str(exc), {"Retry-After": "10"})
     if isinstance(exc, UploadRefused):
         return responses.error(503, str(exc), {"Retry-After": "1", "Connection": "close"})
+    if isinstance(exc, SessionNotFound):
+        return responses.error(404, str(exc))
     if isinstance(exc, ShuttingDown):
         return responses.error(503, str(exc), {"Retry-After": "1", "Connection": "close"})
     if isinstance(exc, BatcherStopped):
@@ -107,7 +110,7 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         status = getattr(exc, "status_code", 500)
         message = str(exc) or getattr(exc, "message", "") or "error"
         if status == 413:
-            limit = request.app.ctx.service.settings.max_upload_mb
+            limit = request.app.ctx.front.settings.max_upload_mb
             message = f"request body too large: the limit is {limit:g} MB"
         if status < 500 or status == 503:
             return responses.error(status, message, getattr(exc, "headers", None))
@@ -124,8 +127,10 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
     return responses.error(500, f"internal error (request id {request_id}); the server log has the details")
 
 
-def create_app(settings: Settings, service: InferenceService | None = None) -> Sanic:
-    """The Sanic app for ``settings``; the model loads when the server starts."""
+def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
+    """The Sanic app for ``settings``, handing work to ``engine``: an
+    InferenceService in this process (made and loaded at start when not
+    given) or an EnginePool of engine processes."""
     app = Sanic(f"lam_a2e_{next(_app_ids)}", configure_logging=False, request_class=BoundedRequest)
     app.config.REQUEST_MAX_SIZE = settings.max_upload_bytes
     app.config.FALLBACK_ERROR_FORMAT = "json"
@@ -140,17 +145,23 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> S
         body_min_rate=settings.body_min_rate_kb * 1024,
     )
     app.ctx.upload_budget = UploadBudget(int(settings.upload_memory_mb * 1024 * 1024))
-    # Whoever creates the service closes it: the app only when it made it.
-    app.ctx.owns_service = service is None
-    app.ctx.service = service or InferenceService(settings)
+    # Whoever creates the engine closes it: the app only when it made it.
+    app.ctx.owns_engine = engine is None
+    engine = engine or InferenceService(settings)
+    app.ctx.front = Front(settings, engine)
     app.blueprint(bp)
     app.error_handler.add(Exception, _error_response)
     # A client that hangs up: Sanic's RequestCancelled is a CancelledError, not an Exception.
     app.error_handler.add(RequestCancelled, _error_response)
 
     @app.before_server_start
-    async def load_model(app: Sanic) -> None:
-        svc: InferenceService = app.ctx.service
+    async def start_engine(app: Sanic) -> None:
+        front: Front = app.ctx.front
+        front.accept_work()
+        if not isinstance(front.engine, InferenceService):
+            await front.engine.connect()  # engine processes, started by the main process
+            return
+        svc = front.engine
         svc.accept_work()
         loop = asyncio.get_running_loop()
         if not svc.ready:
@@ -161,12 +172,18 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> S
 
     @app.before_server_stop
     async def drain(app: Sanic) -> None:
-        app.ctx.service.begin_drain(settings.graceful_shutdown_s)
+        app.ctx.front.begin_drain(settings.graceful_shutdown_s)
+        if isinstance(app.ctx.front.engine, InferenceService):
+            app.ctx.front.engine.begin_drain()
 
     @app.after_server_stop
     async def shutdown(app: Sanic) -> None:
-        if app.ctx.owns_service:
-            app.ctx.service.close()
+        front: Front = app.ctx.front
+        front.close()
+        if not isinstance(front.engine, InferenceService):
+            await front.engine.disconnect()
+        elif app.ctx.owns_engine:
+            front.engine.close()
 
     @app.on_request
     async def start_timer(request: Request) -> HTTPResponse | None:

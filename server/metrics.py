@@ -21,3 +21,17 @@ UPLOADS_REFUSED = Counter("a2e_http_uploads_refused_total", "Request bodies refu
 CLIENT_DISCONNECTS = Counter(
     "a2e_http_client_disconnects_total", "Requests whose client went away before the answer", ["endpoint"]
 )
+
+
+def exposition() -> bytes:
+    """All metrics in Prometheus' text format: this process's, or with
+    PROMETHEUS_MULTIPROC_DIR set (several processes), all processes' together."""
+    import os
+
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)

@@ -1,9 +1,12 @@
-"""The inference service behind the handlers: loads the model, owns the
-batcher, the sessions and the worker threads, and runs the core's whole-clip
-and streaming paths. It speaks numpy and exceptions, not HTTP.
+"""The inference service of one device (an engine): loads the model, owns
+the batcher, the streaming sessions and their state, and runs the core's
+whole-clip and streaming paths. It takes decoded audio and session ids and
+gives frames back; it speaks numpy and exceptions, not HTTP. It runs inside
+the HTTP process (``--workers 0``, and the tests) or in an engine process of
+its own behind ``engine/`` (one per device), with the same methods.
 
-Every request's work can be abandoned: when its client goes, its deadline
-passes or the server drains for shutdown, queued model work is dropped and a
+Every request's work can be abandoned: when its awaiting task is cancelled
+(client gone, deadline passed, drain), queued model work is dropped and a
 long clip stops between windows. A streaming chunk is applied to its session
 whole or not at all: the session's state is snapshotted in the chunk's turn
 and restored if anything (cancellation included) stops it before the end.
@@ -18,7 +21,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -33,7 +36,7 @@ from a2e.errors import A2EError, AudioError, CheckpointError, ModelOutputError
 from a2e.lite import load_lite
 from a2e.loudness import LoudnessMode, StreamLoudness
 from a2e.separation import SeparationUnavailable, VocalSeparator
-from batching import CancelScope, MicroBatcher, ModelRunner
+from batching import BatcherStopped, CancelScope, MicroBatcher, ModelRunner
 
 from . import metrics
 from .sessions import Session, SessionStore
@@ -86,6 +89,18 @@ class ChunkResult:
     chunk_index: int
     audio_seconds: float
     start_time: float  # session time of the chunk's first frame
+    context_mode: str
+
+
+@dataclass
+class SessionOpened:
+    session_id: str
+    context_mode: str
+    loudness: str
+
+
+class SessionNotFound(A2EError):
+    """No open session has this id (unknown, closed, expired, or lost with its engine)."""
 
 
 def _session_metrics(active: int, expired: int) -> None:
@@ -108,14 +123,9 @@ class InferenceService:
         )
         self.limits = Limits(settings.max_audio_s, settings.max_chunk_s)
         self.draining = False
-        self._drain_expired: asyncio.Event | None = None
-        # A whole clip's decoded audio, animation and JSON run to ~100 MB at
-        # the length limit; bounding how many are in progress bounds memory.
-        self._clip_slots: asyncio.Semaphore | None = None
         self.batcher: MicroBatcher | None = None
         self.model_info: ModelInfo | None = None
         self.not_ready_reason = "model not loaded yet"
-        self.io_pool = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="a2e-io")
         # Whole clips block a thread while their windows run; a pool of their
         # own keeps them from starving the decoding of streaming chunks.
         self.clip_pool = ThreadPoolExecutor(2, thread_name_prefix="a2e-clip")
@@ -245,78 +255,61 @@ class InferenceService:
         if self.batcher is not None:
             self.batcher.stop()
         self.sessions.clear()
-        for pool in (self.io_pool, self.clip_pool, self.separation_pool):
+        for pool in (self.clip_pool, self.separation_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def num_identities(self) -> int:
         return self.model_info.num_identities if self.model_info else 0
 
-    async def run_io(self, fn, *args):
-        """Run ``fn`` on the I/O worker threads (decoding, encoding), off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+    def stats(self, detail: bool = False) -> dict:
+        """What /api/health shows of this engine (file names only unless ``detail``)."""
+        info = self.model_info
+        separation = dict(self.separator.status)
+        separation["model_dir"] = shown_path(separation.get("model_dir"), detail)
+        return {
+            "ready": self.ready,
+            "detail": None if self.ready else self.not_ready_reason,
+            "model": None if info is None else {**asdict(info), "weights": shown_path(info.weights, detail)},
+            "limits": asdict(self.limits),
+            "sessions": len(self.sessions),
+            "queue_windows": self.batcher.queued_windows if self.batcher else 0,
+            "vocal_isolation": separation,
+            "draining": self.draining,
+        }
 
-    # -- draining and abandoning work ----------------------------------------
-    def begin_drain(self, grace_s: float) -> None:
-        """Take no new work; what is still running when ``grace_s`` is nearly
-        over is abandoned and answered 503, before the server closes connections."""
+    # -- draining --------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Take no new work (in-flight work finishes or is cancelled by whoever awaits it)."""
         self.draining = True
-        self._drain_expired = asyncio.Event()
-        asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), self._drain_expired.set)
-        log.info("draining: new work is refused; in-flight requests have %.0f s to finish", grace_s)
-
-    def clip_slot(self) -> asyncio.Semaphore:
-        """Held by a whole-clip request from decoding to its encoded answer."""
-        if self._clip_slots is None:
-            self._clip_slots = asyncio.Semaphore(self.settings.max_concurrent_clips)
-        return self._clip_slots
 
     def accept_work(self) -> None:
         """Accept work again (a server started, or restarted, on this service)."""
         self.draining = False
-        self._drain_expired = None
-        self._clip_slots = None  # bound to the running loop on first use
 
     def check_accepting(self) -> None:
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another instance")
 
     async def _until_done(self, work: Awaitable[T], abandon: Callable[[], None]) -> T:
-        """Await ``work``; if the request is cancelled or the drain deadline
-        passes first, call ``abandon`` (which stops the work) and give up."""
+        """Await ``work``; if the awaiting task is cancelled, call ``abandon`` (which stops the work)."""
         fut = asyncio.ensure_future(work)
         fut.add_done_callback(_consume_exception)
-        waiters: set[asyncio.Future] = {fut}
-        drained = None
-        if self._drain_expired is not None:
-            drained = asyncio.ensure_future(self._drain_expired.wait())
-            waiters.add(drained)
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            return await asyncio.shield(fut)
         except asyncio.CancelledError:
             abandon()
             raise
-        finally:
-            if drained is not None:
-                drained.cancel()
-        if fut.done():
-            return fut.result()
-        abandon()
-        raise ShuttingDown("the server shut down before this request finished; retry on another instance")
 
     # -- whole clips -------------------------------------------------------
-    async def _isolate_vocals(self, data: bytes) -> np.ndarray:
-        """Decode, separate the vocals (own worker, bounded wait list), resample to 16 kHz."""
+    async def _isolate_vocals(self, channels: np.ndarray, sr: int) -> np.ndarray:
+        """Separate the vocals (own worker, bounded wait list) and resample to 16 kHz."""
         if self._separation_waiting >= self.settings.separation_queue:
             raise SeparationBusy(
                 f"vocal isolation is busy ({self._separation_waiting} requests running or waiting); retry later"
             )
         self._separation_waiting += 1
         try:
-            max_s = min(self.settings.separation_max_s, self.limits.max_audio_s)
-            channels, sr = await self.run_io(
-                lambda: audio_io.decode(data, max_s, mono=False, max_rate=SEPARATION_MAX_RATE)
-            )
             loop = asyncio.get_running_loop()
             voice = await loop.run_in_executor(self.separation_pool, self.separator.vocals, channels, sr)
         finally:
@@ -325,21 +318,22 @@ class InferenceService:
 
     async def infer_clip(
         self,
-        data: bytes,
+        audio: np.ndarray,
         identity: int,
         *,
         movement_smooth: bool,
         brow_movement: bool,
         seed: int | None,
         ex_vol: bool = False,
+        sample_rate: int = SAMPLE_RATE,
         loudness: LoudnessMode = LoudnessMode.OFF,
-    ) -> tuple[np.ndarray, float]:
-        assert self.batcher is not None
+    ) -> np.ndarray:
+        """Animation ``[T, 52]`` of a clip: 16 kHz mono, or with ``ex_vol`` the
+        ``[channels, N]`` mix at ``sample_rate`` whose vocals are animated."""
+        self._require_ready()
         self.check_accepting()
         if ex_vol:
-            audio = await self._isolate_vocals(data)
-        else:
-            audio = await self.run_io(audio_io.load, data, self.limits.max_audio_s)
+            audio = await self._isolate_vocals(audio, sample_rate)
         rng = np.random.default_rng(seed)
         scope = CancelScope(self.batcher)
         work = asyncio.get_running_loop().run_in_executor(
@@ -359,20 +353,20 @@ class InferenceService:
         frames = await self._until_done(work, scope.cancel)
         if not np.isfinite(frames).all():
             raise ModelOutputError("post-processing produced non-finite values")
-        seconds = len(audio) / SAMPLE_RATE
-        metrics.AUDIO_SECONDS.labels("clip").inc(seconds)
+        metrics.AUDIO_SECONDS.labels("clip").inc(len(audio) / SAMPLE_RATE)
         metrics.FRAMES.labels("clip").inc(len(frames))
-        return frames, seconds
+        return frames
 
     # -- streaming -----------------------------------------------------------
-    def open_session(
+    async def open_session(
         self,
         identity: int,
         seed: int | None,
         mode: str,
         loudness: LoudnessMode = LoudnessMode.OFF,
         client: str = "",
-    ) -> Session:
+    ) -> SessionOpened:
+        self._require_ready()
         self.check_accepting()
         rng = np.random.default_rng(seed if seed is not None else secrets.randbits(64))
         context = streaming.ContextMode(mode)
@@ -385,10 +379,13 @@ class InferenceService:
         )
         if state.loudness_mode is not LoudnessMode.OFF:
             state.loudness = StreamLoudness(self.settings.loudness_target_lufs)
-        return self.sessions.create(state, client)
+        session = self.sessions.create(state, client)
+        return SessionOpened(session.id, state.mode.value, state.loudness_mode.value)
 
-    def close_session(self, session_id: str) -> Session | None:
-        return self.sessions.close(session_id)
+    async def close_session(self, session_id: str) -> int | None:
+        """Chunks the closed session processed, or None when there was no such session."""
+        session = self.sessions.close(session_id)
+        return None if session is None else session.chunks_done
 
     def expire_sessions(self) -> int:
         n = self.sessions.expire()
@@ -396,26 +393,25 @@ class InferenceService:
             log.info("expired %d idle session(s)", n)
         return n
 
-    async def stream_chunk(self, session: Session, data: bytes) -> ChunkResult:
-        """Process one chunk of a session, in the order chunks arrived, and
-        apply it to the session whole or not at all."""
-        assert self.batcher is not None
+    def _session(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"Session not found: {session_id} (unknown, closed or expired)")
+        return session
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise BatcherStopped(self.not_ready_reason)
+
+    async def stream_chunk(self, session_id: str, audio: np.ndarray) -> ChunkResult:
+        """Apply one 16 kHz chunk to its session, whole or not at all, in the
+        order chunks reach this service."""
+        self._require_ready()
         self.check_accepting()
-        turn = session.turn()
-        try:
-            audio = await self.run_io(audio_io.load, data, self.limits.max_chunk_s)
-            if len(audio) < MIN_CHUNK_SECONDS * SAMPLE_RATE:
-                raise AudioError(
-                    f"audio chunk too short: {len(audio)} samples at 16 kHz ({len(audio) / SAMPLE_RATE:.3f} s); "
-                    f"at least {int(MIN_CHUNK_SECONDS * SAMPLE_RATE)} samples (0.1 s) are needed"
-                )
-        except BaseException:
-            turn.skip()
-            raise
+        session = self._session(session_id)
         state = session.state
-        async with turn:
+        async with session.turn():
             saved = state.snapshot()
-            future = None
             try:
                 plans = streaming.plan_chunk(state, audio)
                 future = self.batcher.submit_windows(
@@ -434,7 +430,15 @@ class InferenceService:
         seconds = len(audio) / SAMPLE_RATE
         metrics.AUDIO_SECONDS.labels("stream").inc(seconds)
         metrics.FRAMES.labels("stream").inc(len(frames))
-        return ChunkResult(frames, index, seconds, start_time)
+        return ChunkResult(frames, index, seconds, start_time, state.mode.value)
+
+
+def shown_path(path: str | None, detail: bool) -> str | None:
+    """File names only unless the operator asks for detail: absolute paths tell
+    an attacker about the machine."""
+    if path is None or detail:
+        return path
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _consume_exception(fut: asyncio.Future) -> None:

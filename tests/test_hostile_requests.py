@@ -178,17 +178,17 @@ async def test_a_chunk_whose_client_hangs_up_leaves_no_trace(served):
     _, service = served
     service.accept_work()  # the ASGI test client drains the service after each request
     a, b, c = (speech_like(0.7, seed=s) for s in (1, 2, 3))
-    ref = service.open_session(0, 11, "continuous")
+    ref = (await service.open_session(0, 11, "continuous")).session_id
     for x in (a, c):
-        want = await service.stream_chunk(ref, wav_bytes(x))
+        want = await service.stream_chunk(ref, x)
 
-    session = service.open_session(0, 11, "continuous")
-    await service.stream_chunk(session, wav_bytes(a))
+    session = (await service.open_session(0, 11, "continuous")).session_id
+    await service.stream_chunk(session, a)
     gate = threading.Event()
     original = service.batcher.runner.run_windows
     service.batcher.runner.run_windows = stalled(service, gate)
     try:
-        dropped = asyncio.ensure_future(service.stream_chunk(session, wav_bytes(b)))
+        dropped = asyncio.ensure_future(service.stream_chunk(session, b))
         await asyncio.sleep(0.3)  # planned and queued, the model is busy with it
         dropped.cancel()  # the client hangs up
         with pytest.raises(asyncio.CancelledError):
@@ -196,7 +196,7 @@ async def test_a_chunk_whose_client_hangs_up_leaves_no_trace(served):
     finally:
         gate.set()
         service.batcher.runner.run_windows = original
-    got = await service.stream_chunk(session, wav_bytes(c))
+    got = await service.stream_chunk(session, c)
     assert got.chunk_index == 2 == want.chunk_index
     assert np.array_equal(got.frames, want.frames)  # as if chunk b was never sent
     assert got.start_time == want.start_time

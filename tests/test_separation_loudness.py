@@ -203,12 +203,15 @@ def test_stream_loudness_is_per_session_and_stable(english_16k):
     assert (gains["quiet"][-1] - gains["loud"][-1]) == pytest.approx(20 * np.log10(1.3 / 0.05), abs=3.0)
 
 
-def test_reference_sessions_are_never_level_adjusted(checkpoint, config_file):
+async def test_reference_sessions_are_never_level_adjusted(checkpoint, config_file):
     settings = Settings(config_file=str(config_file), weight=str(checkpoint), loudness="gates").validate()
     service = InferenceService(settings)
+    service.load()
     try:
-        ref = service.open_session(0, 1, "reference", loudness.LoudnessMode.GATES)
-        cont = service.open_session(0, 1, "continuous", loudness.LoudnessMode.GATES)
+        opened = await service.open_session(0, 1, "reference", loudness.LoudnessMode.GATES)
+        assert opened.loudness == "off"
+        ref = service.sessions.get(opened.session_id)
+        cont = service.sessions.get((await service.open_session(0, 1, "continuous", loudness.LoudnessMode.GATES)).session_id)
         assert ref.state.loudness_mode is loudness.LoudnessMode.OFF and ref.state.loudness is None
         assert cont.state.loudness_mode is loudness.LoudnessMode.GATES
         plans = streaming.plan_chunk(cont.state, speech_like(1.0) * 0.01)

@@ -1,0 +1,142 @@
+"""What an HTTP worker holds: decoding threads, bounds on work in progress,
+shutdown draining, and the engine it hands decoded audio to.
+
+The engine is an ``InferenceService`` in this process (``--workers 0``, and
+the tests) or an ``engine.client.EnginePool`` speaking to engine processes;
+both have the same async methods, so the handlers do not know which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from a2e import audio as audio_io
+from a2e.constants import SAMPLE_RATE
+from a2e.errors import AudioError
+from a2e.loudness import LoudnessMode
+
+from .service import ChunkResult, Limits, SessionOpened, ShuttingDown
+from .settings import Settings
+
+log = logging.getLogger("a2e.front")
+
+MIN_CHUNK_SECONDS = 0.1
+# Vocal isolation works at up to 48 kHz (Demucs resamples to 44.1 kHz anyway).
+SEPARATION_MAX_RATE = 48_000
+T = TypeVar("T")
+
+
+class Engine(Protocol):
+    """What the handlers need of the model side (see server.service.InferenceService)."""
+
+    settings: Settings
+    limits: Limits
+    num_identities: int
+    ready: bool
+    not_ready_reason: str
+
+    def stats(self, detail: bool = False) -> dict[str, Any]: ...
+
+    async def infer_clip(self, audio: np.ndarray, identity: int, **options: Any) -> np.ndarray: ...
+
+    async def open_session(
+        self, identity: int, seed: int | None, mode: str, loudness: LoudnessMode, client: str
+    ) -> SessionOpened: ...
+
+    async def stream_chunk(self, session_id: str, audio: np.ndarray) -> ChunkResult: ...
+
+    async def close_session(self, session_id: str) -> int | None: ...
+
+
+class Front:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.io_pool: ThreadPoolExecutor | None = None
+        self.draining = False
+        self._drain_expired: asyncio.Event | None = None
+        # A whole clip's decoded audio, animation and JSON run to ~100 MB at
+        # the length limit; bounding how many are in progress bounds memory.
+        self._clip_slots: asyncio.Semaphore | None = None
+
+    def close(self) -> None:
+        if self.io_pool is not None:
+            self.io_pool.shutdown(wait=False, cancel_futures=True)
+            self.io_pool = None
+
+    async def run_io(self, fn, *args):
+        """Run ``fn`` on the I/O worker threads (decoding, encoding), off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    # -- decoding (bounded: see a2e.audio) ------------------------------------
+    async def decode_clip(self, data: bytes, ex_vol: bool) -> tuple[np.ndarray, int]:
+        """16 kHz mono, or for vocal isolation the mix (two channels at most, 48 kHz at most)."""
+        limit = self.engine.limits.max_audio_s
+        if ex_vol:
+            max_s = min(self.settings.separation_max_s, limit)
+            return await self.run_io(
+                lambda: audio_io.decode(data, max_s, mono=False, max_rate=SEPARATION_MAX_RATE)
+            )
+        return await self.run_io(audio_io.load, data, limit), SAMPLE_RATE
+
+    async def decode_chunk(self, data: bytes) -> np.ndarray:
+        audio = await self.run_io(audio_io.load, data, self.engine.limits.max_chunk_s)
+        if len(audio) < MIN_CHUNK_SECONDS * SAMPLE_RATE:
+            raise AudioError(
+                f"audio chunk too short: {len(audio)} samples at 16 kHz ({len(audio) / SAMPLE_RATE:.3f} s); "
+                f"at least {int(MIN_CHUNK_SECONDS * SAMPLE_RATE)} samples (0.1 s) are needed"
+            )
+        return audio
+
+    def clip_slot(self) -> asyncio.Semaphore:
+        """Held by a whole-clip request from decoding to its encoded answer."""
+        if self._clip_slots is None:
+            self._clip_slots = asyncio.Semaphore(self.settings.max_concurrent_clips)
+        return self._clip_slots
+
+    # -- draining ---------------------------------------------------------------
+    def begin_drain(self, grace_s: float) -> None:
+        """Take no new work; what is still running when ``grace_s`` is nearly
+        over is abandoned and answered 503, before the server closes connections."""
+        self.draining = True
+        self._drain_expired = asyncio.Event()
+        asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), self._drain_expired.set)
+        log.info("draining: new work is refused; in-flight requests have %.0f s to finish", grace_s)
+
+    def accept_work(self) -> None:
+        """Accept work again (a server started, or restarted, on this front)."""
+        self.draining = False
+        self._drain_expired = None
+        self._clip_slots = None  # bound to the running loop on first use
+        if self.io_pool is None:
+            self.io_pool = ThreadPoolExecutor(self.settings.io_workers, thread_name_prefix="a2e-io")
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+
+    async def until_done(self, work: Awaitable[T]) -> T:
+        """Await the engine's work; when the drain deadline passes first, cancel
+        it (the engine drops it) and answer 503."""
+        self.check_accepting()
+        task = asyncio.ensure_future(work)
+        if self._drain_expired is None:
+            return await task
+        drained = asyncio.ensure_future(self._drain_expired.wait())
+        try:
+            await asyncio.wait({task, drained}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            drained.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise ShuttingDown("the server shut down before this request finished; retry on another instance")
