@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -102,6 +103,8 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         return responses.error(404, str(exc))
     if isinstance(exc, ShuttingDown):
         return responses.error(503, str(exc), {"Retry-After": "1", "Connection": "close"})
+    if isinstance(exc, A2EError) and hasattr(exc, "retry_after_s") and type(exc).__name__ == "EngineUnavailable":
+        return responses.error(503, str(exc), {"Retry-After": "2"})
     if isinstance(exc, BatcherStopped):
         return responses.error(503, f"Model not loaded: {exc}")
     if isinstance(exc, PayloadTooLarge) and "header" in str(exc).lower():
@@ -228,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    # Sanic installs its SIGTERM handler only once serving; a SIGTERM before
+    # that (loading, starting engines, binding) would kill the process
+    # outright. Until then, note it and stop cleanly as soon as possible.
+    early_stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
+    if settings.workers > 0:
+        return _serve_with_engines(settings, early_stop)
     service = InferenceService(settings)
     try:
         service.load()  # before binding, so a bad checkpoint stops start-up with its reason
@@ -236,18 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, service)
-    # Sanic installs its SIGTERM handler only after the port is open; a
-    # SIGTERM in between would kill the process outright. Until then, note it
-    # and stop cleanly as soon as the server is up.
-    early_stop: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
-
-    @app.after_server_start
-    async def stop_if_asked_early(app: Sanic) -> None:
-        if early_stop:
-            log.info("SIGTERM received during start-up: stopping")
-            app.stop()
-
+    _stop_if_asked_early(app, early_stop)
     app.run(
         host=settings.host,
         port=settings.port,
@@ -257,6 +256,87 @@ def main(argv: list[str] | None = None) -> int:
         protocol=GuardedHttpProtocol,
     )
     service.close()
+    return 0
+
+
+def _stop_if_asked_early(app: Sanic, early_stop: list[int]) -> None:
+    @app.after_server_start
+    async def stop_if_asked_early(app: Sanic) -> None:
+        if early_stop:
+            log.info("SIGTERM received during start-up: stopping")
+            app.stop()
+
+
+def worker_app(settings: Settings, engine_paths: list[str]) -> Sanic:
+    """The app of one HTTP worker process: it reaches the engines through their sockets."""
+    from engine.client import EnginePool
+
+    configure_logging(settings.log_level)
+    app = create_app(settings, EnginePool(settings, engine_paths))
+    return app
+
+
+def _serve_with_engines(settings: Settings, early_stop: list[int]) -> int:
+    """--workers N: engine processes (one per device) and N HTTP worker processes."""
+    import functools
+    import tempfile
+    import threading
+
+    from sanic.worker.loader import AppLoader
+
+    from engine.supervisor import EngineStartError, EngineSupervisor, watch_workers
+
+    import multiprocessing
+
+    # Sanic's workers and our engines both start by spawning (a forked CUDA
+    # context is unusable); set it before anything fixes the default.
+    multiprocessing.set_start_method("spawn", force=True)
+    Sanic.START_METHOD_SET = True  # done above; Sanic would refuse a method already set
+    # One /metrics view over all processes: each writes its samples here.
+    metrics_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="a2e-metrics-"))
+    supervisor = EngineSupervisor(settings)
+    try:
+        supervisor.start()
+    except (EngineStartError, A2EError) as exc:
+        supervisor.stop()
+        log.error("cannot start: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if early_stop:
+        log.info("SIGTERM received during start-up: stopping")
+        supervisor.stop()
+        return 0
+    loader = AppLoader(factory=functools.partial(worker_app, settings, supervisor.paths))
+    app = loader.load()
+    app.prepare(
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        access_log=settings.log_level.lower() in ("debug", "trace"),
+        motd=False,
+        protocol=GuardedHttpProtocol,
+    )
+    stopping = threading.Event()
+
+    @app.main_process_ready
+    async def supervise(app: Sanic) -> None:
+        watch_workers(app, stopping)
+        if early_stop:
+            app.stop()
+
+    @app.main_process_stop
+    async def stop_supervising(app: Sanic) -> None:
+        stopping.set()
+
+    log.info(
+        "serving on http://%s:%d with %d HTTP workers and %d engines (%s); metrics in %s",
+        settings.host, settings.port, settings.workers, len(supervisor.paths), ", ".join(supervisor.devices), metrics_dir,
+    )  # fmt: skip
+    try:
+        Sanic.serve(primary=app, app_loader=loader)
+    finally:
+        stopping.set()
+        supervisor.stop()
     return 0
 
 

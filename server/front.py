@@ -22,6 +22,7 @@ from a2e.errors import AudioError
 from a2e.loudness import LoudnessMode
 
 from .service import ChunkResult, Limits, SessionOpened, ShuttingDown
+from .sessions import Turn
 from .settings import Settings
 
 log = logging.getLogger("a2e.front")
@@ -64,10 +65,13 @@ class Front:
         # A whole clip's decoded audio, animation and JSON run to ~100 MB at
         # the length limit; bounding how many are in progress bounds memory.
         self._clip_slots: asyncio.Semaphore | None = None
+        # Per session, the last chunk still being handed over (see stream_chunk).
+        self._arrivals: dict[str, asyncio.Future] = {}
 
     def close(self) -> None:
         if self.io_pool is not None:
-            self.io_pool.shutdown(wait=False, cancel_futures=True)
+            # Decodes already queued still finish: their requests are answered while the server drains.
+            self.io_pool.shutdown(wait=False)
             self.io_pool = None
 
     async def run_io(self, fn, *args):
@@ -93,6 +97,37 @@ class Front:
                 f"at least {int(MIN_CHUNK_SECONDS * SAMPLE_RATE)} samples (0.1 s) are needed"
             )
         return audio
+
+    async def stream_chunk(self, session_id: str, data: bytes) -> ChunkResult:
+        """Decode a chunk (in parallel with others) and hand it to the engine in
+        the order chunks arrived here, so a client sending several at once gets
+        them applied in its order; the engine applies them as they reach it."""
+        turn = self._arrival_turn(session_id)
+        try:
+            audio = await self.decode_chunk(data)
+        except BaseException:
+            turn.skip()
+            raise
+        async with turn:
+            task = asyncio.ensure_future(self.engine.stream_chunk(session_id, audio))
+            try:
+                await asyncio.sleep(0)  # the task's first step takes its place at the engine
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+        return await self.until_done(task)
+
+    def _arrival_turn(self, session_id: str) -> Turn:
+        mine = asyncio.get_running_loop().create_future()
+        turn = Turn(self._arrivals.get(session_id), mine)
+        self._arrivals[session_id] = mine
+
+        def forget(_: asyncio.Future) -> None:
+            if self._arrivals.get(session_id) is mine:
+                del self._arrivals[session_id]
+
+        mine.add_done_callback(forget)
+        return turn
 
     def clip_slot(self) -> asyncio.Semaphore:
         """Held by a whole-clip request from decoding to its encoded answer."""

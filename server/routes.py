@@ -7,6 +7,7 @@ else.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -112,6 +113,8 @@ async def health(request: Request) -> HTTPResponse:
     }
     if "engines" in stats:
         body["engines"] = stats["engines"]
+    if s.health_detail:
+        body["worker_pid"] = os.getpid()
     return responses.json_response(body)
 
 
@@ -188,8 +191,7 @@ async def stream_chunk(request: Request) -> HTTPResponse:
         raise forms.RequestError(422, "missing form field 'session_id'")
     data = forms.file_field(request, "audio_chunk")
     front.check_accepting()
-    audio = await front.decode_chunk(data)
-    result = await front.until_done(front.engine.stream_chunk(session_id, audio))
+    result = await front.stream_chunk(session_id, data)
     body = responses.animation(
         result.frames,
         session_id=session_id,

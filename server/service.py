@@ -32,7 +32,7 @@ from a2e import clip, streaming
 from a2e.checkpoint import load_model
 from a2e.config import model_dims, read_config
 from a2e.constants import SAMPLE_RATE
-from a2e.errors import A2EError, AudioError, CheckpointError, ModelOutputError
+from a2e.errors import A2EError, CheckpointError, ModelOutputError
 from a2e.lite import load_lite
 from a2e.loudness import LoudnessMode, StreamLoudness
 from a2e.separation import SeparationUnavailable, VocalSeparator
@@ -116,10 +116,14 @@ def resolve_device(name: str) -> str:
 
 
 class InferenceService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, session_id_tag: str = "") -> None:
         self.settings = settings
         self.sessions = SessionStore(
-            settings.max_sessions, settings.session_idle_timeout_s, _session_metrics, settings.max_sessions_per_client
+            settings.max_sessions,
+            settings.session_idle_timeout_s,
+            _session_metrics,
+            settings.max_sessions_per_client,
+            session_id_tag,
         )
         self.limits = Limits(settings.max_audio_s, settings.max_chunk_s)
         self.draining = False

@@ -92,8 +92,13 @@ class SessionStore:
         idle_timeout_s: float,
         on_change: Callable[[int, int], None] | None = None,
         max_per_client: int | None = None,
+        id_tag: str = "",
     ) -> None:
         self.max_sessions = max_sessions
+        # Hex digits that end every session id this store makes: an engine
+        # writes its index and generation there, so a worker can route a
+        # chunk from its id alone (see engine/client.py).
+        self.id_tag = id_tag
         self.max_per_client = max_per_client or max_sessions
         self.idle_timeout_s = idle_timeout_s
         self._sessions: dict[str, Session] = {}
@@ -117,7 +122,10 @@ class SessionStore:
                 f"this client ({client}) has {self.max_per_client} open streaming sessions, the limit per client; "
                 "close finished sessions (DELETE /api/infer_stream_close/{session_id}) or retry later"
             )
-        session = Session(id=str(uuid.uuid4()), state=state, client=client)
+        sid = str(uuid.uuid4())
+        if self.id_tag:
+            sid = sid[: -len(self.id_tag)] + self.id_tag
+        session = Session(id=sid, state=state, client=client)
         self._sessions[session.id] = session
         self._per_client[client] = self._per_client.get(client, 0) + 1
         self._on_change(len(self._sessions), 0)

@@ -32,7 +32,9 @@ class Settings:
     model: str = field(default="auto", metadata={"help": "auto (LAM-A2E when its weights are there, else a2e-lite), lam or a2e-lite"})
     lite_weight: str = field(default="pretrained_models/a2e-lite.safetensors", metadata={"help": "a2e-lite weights (shipped)"})
     log_level: str = field(default="info", metadata={"help": "one of " + ", ".join(LOG_LEVELS)})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (the device of a single-process server)"})
+    workers: int = field(default=0, metadata={"help": "HTTP worker processes; 0 runs HTTP and the model in one process"})
+    devices: str = field(default="auto", metadata={"help": "with --workers: one engine process per listed device, e.g. cuda:0,cuda:1 or cpu,cpu (auto: --device)"})
     dtype: str = field(default="fp32", metadata={"help": "model precision: fp32 (exact), bf16 or fp16"})
     max_sessions: int = field(default=1000, metadata={"help": "open streaming sessions at most"})
     session_idle_timeout_s: float = field(default=300.0, metadata={"help": "close a session idle this long (seconds)"})
@@ -84,6 +86,8 @@ class Settings:
             raise ConfigError(f"loudness must be off, gates or normalize, got {self.loudness!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.workers < 0:
+            raise ConfigError("workers must be 0 (one process) or more")
         for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue", "max_connections", "max_sessions_per_client", "max_concurrent_clips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -93,6 +97,13 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         return self
+
+    @property
+    def device_list(self) -> list[str]:
+        """The engines' devices (with --workers)."""
+        if self.devices.strip() in ("", "auto"):
+            return [self.device]
+        return [d.strip() for d in self.devices.split(",") if d.strip()]
 
     @property
     def weight_is_explicit(self) -> bool:

@@ -37,7 +37,7 @@ def start(args, port, env=None):
         try:
             if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
                 return proc
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # with workers, the port opens before they serve
             time.sleep(0.2)
     proc.kill()
     raise AssertionError("server did not start")

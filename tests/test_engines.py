@@ -1,0 +1,222 @@
+"""HTTP workers and engine processes (``--workers 2 --devices cpu,cpu``):
+the same frames as one process, sessions placed on both engines and served
+by any worker, a killed worker or engine, one /metrics over all processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from a2e.audio import load
+from a2e.loudness import LoudnessMode
+from engine.process import engine_of
+from engine.transport import Channel, Ring
+from server.service import InferenceService
+from server.settings import Settings
+from tests.conftest import speech_like, wav_bytes
+from tests.test_end_to_end import free_port, start, stop
+
+CHUNKS = [speech_like(s, seed=i) for i, s in enumerate((1.0, 0.5, 1.7, 0.3, 1.0))]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, config_file):
+    port = free_port()
+    env = dict(os.environ, A2E_LOG_LEVEL="warning")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    args = ["app.py", "--config-file", str(config_file), "--weight", str(checkpoint), "--workers", "2",
+            "--devices", "cpu,cpu", "--health-detail", "--cpu-threads", "1"]  # fmt: skip
+    proc = start(args, port, env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60  # both workers up (health answers from the first)
+    while time.time() < deadline and len(worker_pids(proc.pid, base, 10)) < 2:
+        time.sleep(0.2)
+    yield proc, base
+    stop(proc)
+
+
+def engine_pids(base: str) -> list[int]:
+    return [e["pid"] for e in requests.get(base + "/api/health").json()["engines"]]
+
+
+def worker_pids(main_pid: int, base: str, tries: int = 40) -> set[int]:
+    """The HTTP workers that answer, each on a new connection (the kernel spreads them)."""
+    seen = set()
+    for _ in range(tries):
+        try:
+            res = requests.get(base + "/api/health", headers={"Connection": "close"}, timeout=5)
+            seen.add(res.json()["worker_pid"])
+        except (requests.RequestException, KeyError, ValueError):
+            pass
+    return seen
+
+
+def stream(base: str, sid: str, chunks) -> list[np.ndarray]:
+    out = []
+    for x in chunks:
+        # A new connection per chunk: the kernel spreads them over the workers.
+        res = requests.post(
+            base + "/api/infer_stream_chunk",
+            data={"session_id": sid},
+            files={"audio_chunk": ("c.wav", wav_bytes(x))},
+            headers={"Connection": "close"},
+        )
+        assert res.status_code == 200, res.text
+        out.append(np.array([f["weights"] for f in res.json()["frames"]]))
+    return out
+
+
+def open_session(base: str, seed: int) -> str:
+    res = requests.post(base + "/api/infer_stream_init", json={"seed": seed}, headers={"Connection": "close"})
+    assert res.status_code == 200, res.text
+    return res.json()["session_id"]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, config_file):
+    """Frames of the same seeded session from one in-process service, with the
+    engines' thread count (float sums depend on how the work is split)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    service = InferenceService(Settings(config_file=str(config_file), weight=str(checkpoint), cpu_threads=1).validate())
+    service.load()
+
+    async def run():
+        sid = (await service.open_session(0, 7, "continuous", LoudnessMode.OFF)).session_id
+        chunks = [load(wav_bytes(x)) for x in CHUNKS]  # what the server decodes: 16-bit WAV
+        return [np.round((await service.stream_chunk(sid, x)).frames.astype(np.float64), 6) for x in chunks]
+
+    try:
+        yield asyncio.run(run())
+    finally:
+        service.close()
+        torch.set_num_threads(threads)
+
+
+def test_seeded_sessions_give_the_frames_of_one_process(server, reference):
+    _, base = server
+    for _ in range(4):  # sessions land on both engines
+        got = stream(base, open_session(base, 7), CHUNKS)
+        for a, b in zip(got, reference):
+            assert np.array_equal(a, b)
+
+
+def test_sessions_are_spread_over_the_engines(server):
+    _, base = server
+    sids = [open_session(base, i) for i in range(6)]
+    assert {engine_of(sid)[0] for sid in sids} == {0, 1}
+    deadline = time.time() + 5  # each worker refreshes what it knows of the engines every second
+    while time.time() < deadline:
+        engines = requests.get(base + "/api/health").json()["engines"]
+        if all(e["sessions"] >= 1 for e in engines):
+            break
+        time.sleep(0.2)
+    assert [e["state"] for e in engines] == ["up", "up"] and all(e["sessions"] >= 1 for e in engines)
+    for sid in sids:
+        assert requests.delete(f"{base}/api/infer_stream_close/{sid}").status_code == 200
+
+
+def test_whole_clips_and_bad_input_through_the_engines(server):
+    _, base = server
+    res = requests.post(base + "/api/infer", files={"audio_file": ("a.wav", wav_bytes(speech_like(2.0)))})
+    assert res.status_code == 200 and res.json()["metadata"]["frame_count"] == 60
+    res = requests.post(base + "/api/infer", files={"audio_file": ("a.wav", b"not audio")})
+    assert res.status_code == 400
+    res = requests.post(base + "/api/infer_stream_chunk", data={"session_id": "nope"}, files={"audio_chunk": ("c.wav", wav_bytes(CHUNKS[0]))})
+    assert res.status_code == 404
+
+
+def test_a_killed_worker_loses_no_session(server, reference):
+    proc, base = server
+    sid = open_session(base, 7)
+    got = stream(base, sid, CHUNKS[:2])
+    victim = min(worker_pids(proc.pid, base))
+    os.kill(victim, signal.SIGKILL)
+    got += stream(base, sid, CHUNKS[2:])  # the other worker (and then the restarted one) carry on
+    for a, b in zip(got, reference):
+        assert np.array_equal(a, b)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(worker_pids(proc.pid, base, 10) - {victim}) < 2:
+        time.sleep(0.2)
+    assert len(worker_pids(proc.pid, base) - {victim}) == 2  # restarted
+
+
+def test_a_killed_engine_loses_only_its_sessions(server):
+    _, base = server
+    sids = [open_session(base, i) for i in range(4)]
+    on = {engine_of(sid)[0]: sid for sid in sids}
+    os.kill(engine_pids(base)[0], signal.SIGKILL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        engines = requests.get(base + "/api/health").json()["engines"]
+        if engines[0]["state"] == "up" and engines[0]["restarts"] == 1:
+            break
+        time.sleep(0.2)
+    assert engines[0]["restarts"] == 1
+    res = requests.post(base + "/api/infer_stream_chunk", data={"session_id": on[0]}, files={"audio_chunk": ("c.wav", wav_bytes(CHUNKS[0]))})
+    assert res.status_code == 404 and "engine restarted" in res.json()["detail"]
+    stream(base, on[1], CHUNKS[:1])  # the other engine's session is untouched
+    new = [open_session(base, 9) for _ in range(4)]
+    assert {engine_of(s)[0] for s in new} == {0, 1}
+    stream(base, new[0], CHUNKS[:1])
+
+
+def test_one_metrics_view_over_all_processes(server):
+    _, base = server
+    sid = open_session(base, 1)
+    stream(base, sid, CHUNKS[:2])
+    text = requests.get(base + "/metrics").text
+    assert "a2e_batch_windows_count" in text  # observed in the engines
+    assert 'a2e_http_requests_total{endpoint="/api/infer_stream_chunk",method="POST",status="200"}' in text
+
+
+# -- the transport alone -----------------------------------------------------------------
+
+
+async def test_rings_carry_arrays_and_fall_back_inline_when_full(tmp_path):
+    path = str(tmp_path / "s.sock")
+    got = []
+
+    async def serve(reader, writer):
+        from engine.transport import accept_channel
+
+        channel, _ = await accept_channel(reader, writer, {}, ring_bytes=4096)
+        for _ in range(4):
+            header, arrays = await channel.recv()
+            got.append((header["n"], arrays[0]))
+            await channel.send({"n": header["n"]}, [arrays[0] * 2])
+        channel.close()
+
+    server = await asyncio.start_unix_server(serve, path)
+    from engine.transport import open_channel
+
+    channel, _ = await open_channel(path, {}, ring_bytes=4096)
+    sent = [np.arange(n, dtype=np.float32) for n in (10, 500, 2000, 300)]  # 2000 floats: larger than the ring
+    for i, x in enumerate(sent):
+        await channel.send({"n": i}, [x])
+        header, arrays = await channel.recv()
+        assert header["n"] == i and np.array_equal(arrays[0], x * 2)
+    assert [n for n, _ in got] == [0, 1, 2, 3] and all(np.array_equal(a, x) for (_, a), x in zip(got, sent))
+    channel.close()
+    server.close()
+
+
+def test_a_ring_never_overwrites_what_the_peer_has_not_read():
+    ring = Ring.create(1024)
+    try:
+        a = ring.put(np.ones(100, np.float32))  # 400 bytes
+        b = ring.put(np.ones(100, np.float32))
+        assert a is not None and b is not None
+        assert ring.put(np.ones(100, np.float32)) is None  # would wrap onto a, unread
+        ring.release(a[3])
+        assert ring.put(np.ones(100, np.float32)) is not None
+    finally:
+        ring.close()
+    assert Channel  # imported for the type; the channel is exercised above
