@@ -175,6 +175,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
 
     @app.before_server_stop
     async def drain(app: Sanic) -> None:
+        if app.asgi:
+            return  # an ASGI server owns connections and their draining (and runs this per request in tests)
         app.ctx.front.begin_drain(settings.graceful_shutdown_s)
         if isinstance(app.ctx.front.engine, InferenceService):
             app.ctx.front.engine.begin_drain()
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     # outright. Until then, note it and stop cleanly as soon as possible.
     early_stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
-    if settings.workers > 0:
+    if settings.worker_count > 0:
         return _serve_with_engines(settings, early_stop)
     service = InferenceService(settings)
     try:
@@ -311,7 +313,7 @@ def _serve_with_engines(settings: Settings, early_stop: list[int]) -> int:
     app.prepare(
         host=settings.host,
         port=settings.port,
-        workers=settings.workers,
+        workers=settings.worker_count,
         access_log=settings.log_level.lower() in ("debug", "trace"),
         motd=False,
         protocol=GuardedHttpProtocol,
@@ -330,7 +332,7 @@ def _serve_with_engines(settings: Settings, early_stop: list[int]) -> int:
 
     log.info(
         "serving on http://%s:%d with %d HTTP workers and %d engines (%s); metrics in %s",
-        settings.host, settings.port, settings.workers, len(supervisor.paths), ", ".join(supervisor.devices), metrics_dir,
+        settings.host, settings.port, settings.worker_count, len(supervisor.paths), ", ".join(supervisor.devices), metrics_dir,
     )  # fmt: skip
     try:
         Sanic.serve(primary=app, app_loader=loader)

@@ -24,7 +24,7 @@ estimate that moves slowly from chunk to chunk.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -59,17 +59,21 @@ class StreamState:
     loudness_mode: LoudnessMode = LoudnessMode.OFF
     loudness: StreamLoudness | None = None  # the session's level estimate, when a mode is on
 
-    def snapshot(self) -> "StreamState":
-        """A copy to roll back to, so a chunk is applied whole or not at all.
-        Arrays are replaced, never written in place, so sharing them is safe;
-        the generator and the level estimate change in place and are copied."""
-        saved = replace(self, loudness=copy.deepcopy(self.loudness))
-        saved.rng = np.random.Generator(type(self.rng.bit_generator)())
-        saved.rng.bit_generator.state = self.rng.bit_generator.state
+    def snapshot(self) -> dict:
+        """What to roll back to, so a chunk is applied whole or not at all.
+        Arrays are replaced, never written in place, so keeping references is
+        enough; the generator and the level estimate change in place, so their
+        states are copied."""
+        saved = dict(self.__dict__)
+        saved["rng_state"] = self.rng.bit_generator.state
+        if self.loudness is not None:
+            saved["loudness"] = copy.deepcopy(self.loudness)
         return saved
 
-    def restore(self, saved: "StreamState") -> None:
-        self.__dict__.update(saved.__dict__)
+    def restore(self, saved: dict) -> None:
+        saved = dict(saved)
+        self.rng.bit_generator.state = saved.pop("rng_state")
+        self.__dict__.update(saved)
 
 
 @dataclass

@@ -130,7 +130,7 @@ class MicroBatcher:
             job.future.set_exception(BatcherStopped("server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
-        metrics.QUEUE_DEPTH.set(0)
+        metrics.child(metrics.QUEUE_DEPTH).set(0)
 
     @property
     def running(self) -> bool:
@@ -151,11 +151,11 @@ class MicroBatcher:
                 raise BatcherStopped("inference is not running")
             wait_s = self.estimated_wait_s()
             if self._queue and (self._queued_rows + job.rows > self.max_queue or wait_s > self.max_queue_wait_s):
-                metrics.REJECTED.inc()
+                metrics.child(metrics.REJECTED).inc()
                 raise QueueFull(self._queued_rows, max(1.0, wait_s))
             self._queue.append(job)
             self._queued_rows += job.rows
-            metrics.QUEUE_DEPTH.set(self._queued_rows)
+            metrics.child(metrics.QUEUE_DEPTH).set(self._queued_rows)
             self._cond.notify()
         return job.future
 
@@ -190,7 +190,7 @@ class MicroBatcher:
             if isinstance(first, _ClipJob):
                 self._queue.popleft()
                 self._queued_rows -= first.rows
-                metrics.QUEUE_DEPTH.set(self._queued_rows)
+                metrics.child(metrics.QUEUE_DEPTH).set(self._queued_rows)
                 return first
             batch: list[_WindowJob] = []
             rows = 0
@@ -208,7 +208,7 @@ class MicroBatcher:
                     break
                 self._cond.wait(remaining)
             self._queued_rows -= rows
-            metrics.QUEUE_DEPTH.set(self._queued_rows)
+            metrics.child(metrics.QUEUE_DEPTH).set(self._queued_rows)
             return batch
 
     def _pop_window_job(self, room: int | None) -> _WindowJob | None:
@@ -232,7 +232,7 @@ class MicroBatcher:
     def _run_clip(self, job: _ClipJob) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
-        metrics.QUEUE_WAIT.labels("clip").observe(time.perf_counter() - job.enqueued)
+        metrics.child(metrics.QUEUE_WAIT, "clip").observe(time.perf_counter() - job.enqueued)
         t0 = time.perf_counter()
         try:
             out = self.runner.run_clip(job.audio, job.identity)
@@ -240,7 +240,7 @@ class MicroBatcher:
             log.exception("whole-clip inference failed (%.1f s of audio)", len(job.audio) / SAMPLE_RATE)
             job.future.set_exception(exc)
             return
-        metrics.BATCH_SECONDS.labels("clip").observe(time.perf_counter() - t0)
+        metrics.child(metrics.BATCH_SECONDS, "clip").observe(time.perf_counter() - t0)
         if not np.isfinite(out).all():
             log.error("whole-clip inference gave non-finite output (%.1f s of audio)", len(job.audio) / SAMPLE_RATE)
             job.future.set_exception(ModelOutputError("the model produced non-finite values"))
@@ -253,7 +253,7 @@ class MicroBatcher:
             return
         now = time.perf_counter()
         for j in jobs:
-            metrics.QUEUE_WAIT.labels("window").observe(now - j.enqueued)
+            metrics.child(metrics.QUEUE_WAIT, "window").observe(now - j.enqueued)
         windows = jobs[0].windows if len(jobs) == 1 else np.concatenate([j.windows for j in jobs])
         ids = jobs[0].identities if len(jobs) == 1 else np.concatenate([j.identities for j in jobs])
         t0 = time.perf_counter()
@@ -267,8 +267,8 @@ class MicroBatcher:
         elapsed = time.perf_counter() - t0
         self._batches += 1
         self._busy_s = elapsed if self._batches == 1 else 0.9 * self._busy_s + 0.1 * elapsed
-        metrics.BATCH_SECONDS.labels("window").observe(elapsed)
-        metrics.BATCH_SIZE.observe(len(windows))
+        metrics.child(metrics.BATCH_SECONDS, "window").observe(elapsed)
+        metrics.child(metrics.BATCH_SIZE).observe(len(windows))
         finite = np.isfinite(out).all(axis=(1, 2))
         offset = 0
         for j in jobs:

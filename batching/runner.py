@@ -128,6 +128,6 @@ class ModelRunner(TorchBackend):
             ident.copy_(F.one_hot(torch.as_tensor(np.pad(identities[start : start + n], (0, b - n))), self.num_identities))
             graph.replay()
             result[start : start + n] = out[:n].float().cpu().numpy()
-            metrics.GRAPH_REPLAYS.inc()
-            metrics.PADDED_ROWS.inc(b - n)
+            metrics.child(metrics.GRAPH_REPLAYS).inc()
+            metrics.child(metrics.PADDED_ROWS).inc(b - n)
         return result

@@ -1,6 +1,7 @@
 """Real-time streaming sessions, measured the way Audio2Face-3D and Riva do:
-N paced sessions each send a 1 s chunk every second; a session keeps real
-time when every answer arrives before its next chunk is due.
+N paced sessions each send a 1 s chunk every second (``--chunk-seconds``);
+a session keeps real time when every answer arrives before its next chunk
+is due.
 
     python benchmarks/realtime_sessions.py --sessions 2 4 6 8 10 12 --max-batch 8 1
     python benchmarks/realtime_sessions.py --sessions 100 200 400 --max-batch 32 1 --server-args "--model a2e-lite"
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine, released_checkpoint, save  # noqa: E402
 
 BOUNDARY = "a2eBenchBoundary"
+STATUSES: dict[int, int] = {}  # non-200 answers seen, by status
 
 
 def speech_chunks(n: int, seconds: float = 1.0) -> list[bytes]:
@@ -98,7 +100,7 @@ class Connection:
             self.writer.close()
 
 
-async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results):
+async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results, chunk_s=1.0):
     u = urlparse(url)
     conn = Connection(u.hostname, u.port or 80)
     status, body = await conn.request("POST", "/api/infer_stream_init", json.dumps({"id_idx": index % 12}).encode())
@@ -108,10 +110,10 @@ async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results
     sid = json.loads(body)["session_id"]
     bodies = [multipart(sid, chunks[(index + k) % len(chunks)]) for k in range(n_chunks)]
     ctype = f"multipart/form-data; boundary={BOUNDARY}"
-    offset = index / n_sessions  # spread sessions over the second, as independent clients would be
+    offset = chunk_s * index / n_sessions  # spread sessions over a chunk's time, as independent clients would be
     latencies, on_time, errors = [], True, 0
     for k in range(n_chunks):
-        due = t_start + offset + k
+        due = t_start + offset + k * chunk_s
         now = time.perf_counter()
         if now < due:
             await asyncio.sleep(due - now)
@@ -120,17 +122,18 @@ async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results
         latencies.append(done - due)
         if status != 200:
             errors += 1
-        if done > due + 1.0:  # the next chunk was due before this answer came
+            STATUSES[status] = STATUSES.get(status, 0) + 1
+        if done > due + chunk_s:  # the next chunk was due before this answer came
             on_time = False
     await conn.request("DELETE", f"/api/infer_stream_close/{sid}")
     conn.close()
     results.append({"latencies": latencies, "on_time": on_time and errors == 0, "errors": errors})
 
 
-async def run_level(url: str, n: int, n_chunks: int, chunks: list[bytes]) -> dict:
+async def run_level(url: str, n: int, n_chunks: int, chunks: list[bytes], chunk_s: float = 1.0) -> dict:
     results: list[dict] = []
     t_start = time.perf_counter() + 0.5
-    await asyncio.gather(*(run_session(url, i, n, chunks, n_chunks, t_start, results) for i in range(n)))
+    await asyncio.gather(*(run_session(url, i, n, chunks, n_chunks, t_start, results, chunk_s) for i in range(n)))
     lat = np.array([x for r in results if "latencies" in r for x in r["latencies"]])
     first = np.array([r["latencies"][0] for r in results if "latencies" in r])
     kept = sum(1 for r in results if r.get("on_time"))
@@ -157,7 +160,9 @@ def start_server(weight: Path, max_batch: int, extra: list[str]) -> tuple[subpro
 
     port = free_port()
     cmd = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--weight", str(weight),
-           "--max-batch", str(max_batch), "--log-level", "warning", *extra]
+           "--max-batch", str(max_batch), "--log-level", "warning",
+           # every simulated client comes from 127.0.0.1: lift the per-client session cap
+           "--max-sessions-per-client", "1000000", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -171,12 +176,12 @@ def start_server(weight: Path, max_batch: int, extra: list[str]) -> tuple[subpro
     raise RuntimeError("server did not become healthy")
 
 
-def sweep(url: str, levels: list[int], n_chunks: int, label: str) -> list[dict]:
-    chunks = speech_chunks(16)
+def sweep(url: str, levels: list[int], n_chunks: int, label: str, chunk_s: float = 1.0) -> list[dict]:
+    chunks = speech_chunks(16, chunk_s)
     rows = []
     failures = 0
     for n in levels:
-        row = asyncio.run(run_level(url, n, n_chunks, chunks))
+        row = asyncio.run(run_level(url, n, n_chunks, chunks, chunk_s))
         row["config"] = label
         rows.append(row)
         print(
@@ -196,18 +201,19 @@ def main() -> None:
     p.add_argument("--weight", type=Path, help="checkpoint (default: random weights of the released layout)")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10, 12, 16])
     p.add_argument("--max-batch", type=int, nargs="+", default=[8, 1], help="one sweep per value (own server)")
-    p.add_argument("--chunks", type=int, default=10, help="chunks per session (seconds of audio)")
+    p.add_argument("--chunks", type=int, default=10, help="chunks per session")
+    p.add_argument("--chunk-seconds", type=float, default=1.0, help="audio per chunk; one chunk per that much time")
     p.add_argument("--server-args", default="", help="extra flags for app.py, e.g. '--dtype bf16'")
     args = p.parse_args()
     rows = []
     if args.url:
-        rows += sweep(args.url, args.sessions, args.chunks, "external")
+        rows += sweep(args.url, args.sessions, args.chunks, "external", args.chunk_seconds)
     else:
         weight = args.weight or released_checkpoint()
         for mb in args.max_batch:
             proc, url = start_server(weight, mb, args.server_args.split())
             try:
-                rows += sweep(url, args.sessions, args.chunks, f"max_batch={mb}")
+                rows += sweep(url, args.sessions, args.chunks, f"max_batch={mb}", args.chunk_seconds)
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -216,6 +222,8 @@ def main() -> None:
         if r["kept_real_time"] == r["sessions"] and r["errors"] == 0:
             best[r["config"]] = max(best.get(r["config"], 0), r["sessions"])
     print("largest N with every session in real time:", best)
+    if STATUSES:
+        print("non-200 answers by status:", STATUSES)
     path = save("realtime_sessions", {"machine": machine(), "server_args": args.server_args, "rows": rows, "best": best})
     print(f"wrote {path}")
 

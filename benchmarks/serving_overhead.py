@@ -31,23 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from a2e import audio, postprocess, streaming  # noqa: E402
-from a2e.constants import NUM_BLENDSHAPES, WINDOW_FRAMES  # noqa: E402
+from a2e.constants import WINDOW_FRAMES  # noqa: E402
 from benchmarks.common import machine, save  # noqa: E402
 from benchmarks.realtime_sessions import BOUNDARY, Connection, multipart, speech_chunks  # noqa: E402
+from batching.stub import StubRunner  # noqa: E402
 from server import responses  # noqa: E402
-
-
-class StubRunner:
-    """Answers instantly with plausible frames: measures everything but the model."""
-
-    num_identities = 12
-    mode = "stub"
-
-    def run_windows(self, windows, identities):
-        return np.full((len(windows), WINDOW_FRAMES, NUM_BLENDSHAPES), 0.3, dtype=np.float32)
-
-    def run_clip(self, audio_, identity):
-        return np.full((int(np.ceil(len(audio_) / 16000 * 30)), NUM_BLENDSHAPES), 0.3, dtype=np.float32)
 
 
 def per_call(fn, n=300) -> float:

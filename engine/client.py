@@ -123,6 +123,8 @@ class EngineLink:
                 continue
             self.channel, self.greeting = channel, greeting
             self.stats = greeting.get("stats", {})
+            # A restarted engine starts empty: forget what its predecessor carried.
+            self.load = {"sessions": self.stats.get("sessions", 0), "queue": self.stats.get("queue_windows", 0)}
             self._acked = 0
             self._connected.set()
             log.info("connected to engine %d (generation %s, pid %s)", self.index, greeting.get("generation"), greeting.get("pid"))

@@ -29,6 +29,7 @@ import numpy as np
 
 from a2e.errors import A2EError
 from a2e.loudness import LoudnessMode
+from batching import metrics as batch_metrics
 from server.logs import configure_logging
 from server.service import InferenceService, SessionNotFound
 from server.settings import Settings
@@ -199,6 +200,7 @@ def main(index: int, generation: int, settings: Settings, path: str, ready: Conn
     """Entry point of an engine process (multiprocessing, spawn)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us in order
     configure_logging(settings.log_level)
+    batch_metrics.set_engine(str(index))
     device = settings.device_list[index]
     service = InferenceService(replace(settings, device=device), session_id_tag=session_tag(index, generation))
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import struct
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -54,11 +54,11 @@ class Ring:
 
     @classmethod
     def attach(cls, name: str) -> "Ring":
-        shm = shared_memory.SharedMemory(name=name)
-        # The owner unlinks it; without this, this process's resource tracker
-        # would unlink it too when this process exits (Python < 3.13).
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        return cls(shm, False)
+        # Workers and engines are spawned by one main process and share its
+        # resource tracker, which therefore holds one entry per ring: the
+        # owner's unlink removes it, and if the owner dies first the tracker
+        # unlinks the ring when the main process ends.
+        return cls(shared_memory.SharedMemory(name=name), False)
 
     @property
     def name(self) -> str:

@@ -23,7 +23,9 @@ byte a second holds a connection (and its buffer) forever. Here:
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import resource
 import threading
 import time
@@ -93,7 +95,15 @@ class UploadRefused(Exception):
 
 
 class BoundedRequest(Request):
-    """A request whose body is read only within the upload memory budget."""
+    """A request whose body is read only within the upload memory budget, with
+    a cheap id (process, counter) when the client sends no X-Request-ID."""
+
+    _ids = itertools.count(1)
+    _prefix = f"{os.getpid():x}-"
+
+    @classmethod
+    def generate_id(cls, *_: object) -> str:
+        return cls._prefix + str(next(cls._ids))
 
     async def receive_body(self) -> None:
         budget: UploadBudget | None = getattr(self.app.ctx, "upload_budget", None)
@@ -146,10 +156,6 @@ class GuardedHttpProtocol(HttpProtocol):
         super().connection_made(transport)
         metrics.CONNECTIONS_OPEN.set(len(self.connections))
         self._guard_timer = self.loop.call_later(CHECK_INTERVAL_S, self._check_deadlines)
-
-    def data_received(self, data: bytes) -> None:
-        if not self._refused:
-            super().data_received(data)
 
     def connection_lost(self, exc) -> None:
         if self._refused:

@@ -108,14 +108,10 @@ class Front:
         except BaseException:
             turn.skip()
             raise
+        # Held until the engine answers: the engine applies a session's chunks
+        # one at a time anyway, and waiting here costs no task of its own.
         async with turn:
-            task = asyncio.ensure_future(self.engine.stream_chunk(session_id, audio))
-            try:
-                await asyncio.sleep(0)  # the task's first step takes its place at the engine
-            except asyncio.CancelledError:
-                task.cancel()
-                raise
-        return await self.until_done(task)
+            return await self.until_done(self.engine.stream_chunk(session_id, audio))
 
     def _arrival_turn(self, session_id: str) -> Turn:
         mine = asyncio.get_running_loop().create_future()
@@ -160,9 +156,9 @@ class Front:
         """Await the engine's work; when the drain deadline passes first, cancel
         it (the engine drops it) and answer 503."""
         self.check_accepting()
-        task = asyncio.ensure_future(work)
         if self._drain_expired is None:
-            return await task
+            return await work
+        task = asyncio.ensure_future(work)
         drained = asyncio.ensure_future(self._drain_expired.wait())
         try:
             await asyncio.wait({task, drained}, return_when=asyncio.FIRST_COMPLETED)

@@ -37,6 +37,8 @@ from a2e.lite import load_lite
 from a2e.loudness import LoudnessMode, StreamLoudness
 from a2e.separation import SeparationUnavailable, VocalSeparator
 from batching import BatcherStopped, CancelScope, MicroBatcher, ModelRunner
+from batching import metrics as batch_metrics
+from batching.stub import StubRunner
 
 from . import metrics
 from .sessions import Session, SessionStore
@@ -104,9 +106,9 @@ class SessionNotFound(A2EError):
 
 
 def _session_metrics(active: int, expired: int) -> None:
-    metrics.SESSIONS_ACTIVE.set(active)
+    metrics.SESSIONS_ACTIVE.labels(batch_metrics.engine).set(active)
     if expired:
-        metrics.SESSIONS_EXPIRED.inc(expired)
+        metrics.SESSIONS_EXPIRED.labels(batch_metrics.engine).inc(expired)
 
 
 def resolve_device(name: str) -> str:
@@ -150,6 +152,9 @@ class InferenceService:
         service not ready (the server still starts); a file that is there but
         does not fit raises CheckpointError."""
         s = self.settings
+        if s.model == "stub":
+            self._start(StubRunner(), ModelInfo("stub", "", "cpu", "fp32", StubRunner.num_identities, 0, "stub"))
+            return
         config_path = s.resolve(s.config_file)
         config = read_config(config_path) if config_path and config_path.exists() else {}
         lam_weights = s.resolve(s.weight or config.get("weight"))
@@ -193,23 +198,7 @@ class InferenceService:
             cuda_graphs=s.cuda_graphs,
             compile=s.compile,
         )
-        self.limits = self._effective_limits(runner)
-        self.batcher = MicroBatcher(
-            runner,
-            max_batch=s.max_batch,
-            max_wait_s=s.max_wait_ms / 1000,
-            max_queue=s.max_queue,
-            max_queue_wait_s=s.max_queue_wait_s,
-        ).start()
-        self.model_info = ModelInfo(
-            name=name,
-            weights=str(weights),
-            device=device,
-            dtype=s.dtype,
-            num_identities=num_ids,
-            parameters=params,
-            runner_mode=runner.mode,
-        )
+        self._start(runner, ModelInfo(name, str(weights), device, s.dtype, num_ids, params, runner.mode))
         log.info(
             "model loaded: %s from %s (%.1f M parameters, %d identities) on %s/%s, %s, in %.1f s",
             name,
@@ -221,6 +210,18 @@ class InferenceService:
             runner.mode,
             time.perf_counter() - t0,
         )
+
+    def _start(self, runner, info: ModelInfo) -> None:
+        s = self.settings
+        self.limits = self._effective_limits(runner)
+        self.batcher = MicroBatcher(
+            runner,
+            max_batch=s.max_batch,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue=s.max_queue,
+            max_queue_wait_s=s.max_queue_wait_s,
+        ).start()
+        self.model_info = info
 
     def _effective_limits(self, runner: ModelRunner) -> Limits:
         """Time one full batch of windows and lower the length limits so that a
@@ -421,7 +422,9 @@ class InferenceService:
                 future = self.batcher.submit_windows(
                     np.stack([p.window for p in plans]), np.full(len(plans), state.identity)
                 )
-                model_out = await self._until_done(asyncio.wrap_future(future), future.cancel)
+                # Cancelling the awaiting task cancels the wrapped future, and
+                # with it the queued windows (a batch already running finishes).
+                model_out = await asyncio.wrap_future(future)
                 start_time = state.frames_sent / 30.0
                 frames = np.concatenate([streaming.finish_chunk(state, p, o) for p, o in zip(plans, model_out)])
                 if not np.isfinite(frames).all():

@@ -29,11 +29,11 @@ class Settings:
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     config_file: str = field(default=DEFAULT_CONFIG, metadata={"help": "model config file (upstream-style Python, never executed)"})
     weight: str | None = field(default=None, metadata={"help": "model weights (.tar/.pth pickle or .safetensors); overrides the config file"})
-    model: str = field(default="auto", metadata={"help": "auto (LAM-A2E when its weights are there, else a2e-lite), lam or a2e-lite"})
+    model: str = field(default="auto", metadata={"help": "auto (LAM-A2E when its weights are there, else a2e-lite), lam, a2e-lite, or stub (constant frames, for measuring the server)"})
     lite_weight: str = field(default="pretrained_models/a2e-lite.safetensors", metadata={"help": "a2e-lite weights (shipped)"})
     log_level: str = field(default="info", metadata={"help": "one of " + ", ".join(LOG_LEVELS)})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (the device of a single-process server)"})
-    workers: int = field(default=0, metadata={"help": "HTTP worker processes; 0 runs HTTP and the model in one process"})
+    workers: str = field(default="auto", metadata={"help": "HTTP worker processes (with one engine process per device); 0 runs HTTP and the model in one process; auto: 0 without CUDA, else min(8, cores - 2)"})
     devices: str = field(default="auto", metadata={"help": "with --workers: one engine process per listed device, e.g. cuda:0,cuda:1 or cpu,cpu (auto: --device)"})
     dtype: str = field(default="fp32", metadata={"help": "model precision: fp32 (exact), bf16 or fp16"})
     max_sessions: int = field(default=1000, metadata={"help": "open streaming sessions at most"})
@@ -80,14 +80,14 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.context_mode not in ("continuous", "reference"):
             raise ConfigError(f"context_mode must be 'continuous' or 'reference', got {self.context_mode!r}")
-        if self.model not in ("auto", "lam", "a2e-lite"):
-            raise ConfigError(f"model must be auto, lam or a2e-lite, got {self.model!r}")
+        if self.model not in ("auto", "lam", "a2e-lite", "stub"):
+            raise ConfigError(f"model must be auto, lam, a2e-lite or stub, got {self.model!r}")
         if self.loudness not in ("off", "gates", "normalize"):
             raise ConfigError(f"loudness must be off, gates or normalize, got {self.loudness!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
-        if self.workers < 0:
-            raise ConfigError("workers must be 0 (one process) or more")
+        if self.workers != "auto" and (not self.workers.isdigit()):
+            raise ConfigError(f"workers must be auto or a number (0: one process), got {self.workers!r}")
         for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue", "max_connections", "max_sessions_per_client", "max_concurrent_clips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -97,6 +97,23 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         return self
+
+    @property
+    def worker_count(self) -> int:
+        """HTTP worker processes. Without CUDA one process serves best (on a small
+        CPU machine the engine's model compute and the HTTP work share the same
+        cores, and crossing processes costs more than it frees; see
+        benchmarks/RESULTS.md); a GPU outruns one Python process several times
+        over, so with CUDA the HTTP work spreads over the cores, keeping two for
+        the engine and the system."""
+        if self.workers != "auto":
+            return int(self.workers)
+        import torch
+
+        wants_cuda = self.device.startswith("cuda") or any(d.startswith("cuda") for d in self.device_list)
+        if not (wants_cuda or (self.device == "auto" and torch.cuda.is_available())):
+            return 0
+        return max(1, min(8, (os.cpu_count() or 2) - 2))
 
     @property
     def device_list(self) -> list[str]:

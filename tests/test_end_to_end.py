@@ -51,11 +51,12 @@ def stop(proc):
         proc.kill()
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, config_file):
+@pytest.fixture(scope="module", params=[[], ["--workers", "2", "--devices", "cpu,cpu"]], ids=["one-process", "2-workers-2-engines"])
+def server(request, checkpoint, config_file):
     port = free_port()
     env = dict(os.environ, A2E_MAX_UPLOAD_MB="1", A2E_LOG_LEVEL="warning")
-    proc = start(["api_server.py", "--config-file", str(config_file), "--weight", str(checkpoint)], port, env)
+    args = ["api_server.py", "--config-file", str(config_file), "--weight", str(checkpoint), *request.param]
+    proc = start(args, port, env)
     yield f"http://127.0.0.1:{port}"
     stop(proc)
 

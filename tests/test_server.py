@@ -274,10 +274,10 @@ async def test_session_cap_and_idle_expiry(checkpoint, config_file):
         _, res = await client.post("/api/infer_stream_init", json={})
         assert res.status == 429 and "limit of 2" in res.json["detail"] and res.headers["retry-after"]
         await asyncio.sleep(0.3)
-        before = REGISTRY.get_sample_value("a2e_sessions_expired_total") or 0
+        before = REGISTRY.get_sample_value("a2e_sessions_expired_total", {"engine": "0"}) or 0
         assert service.expire_sessions() == 2
-        assert REGISTRY.get_sample_value("a2e_sessions_expired_total") == before + 2
-        assert REGISTRY.get_sample_value("a2e_sessions_active") == 0
+        assert REGISTRY.get_sample_value("a2e_sessions_expired_total", {"engine": "0"}) == before + 2
+        assert REGISTRY.get_sample_value("a2e_sessions_active", {"engine": "0"}) == 0
         _, res = await client.post(
             "/api/infer_stream_chunk", data={"session_id": ids[0]}, files={"audio_chunk": ("c.wav", one_second_wav())}
         )
@@ -384,7 +384,7 @@ async def test_long_clip_runs_in_windows_beside_streams(checkpoint, config_file)
         assert clip_res.status == 200 and clip_res.json["metadata"]["frame_count"] == 360
         assert sorted([c1.json["metadata"]["chunk_index"], c2.json["metadata"]["chunk_index"]]) == [1, 2]
         assert c1.json["metadata"]["frame_count"] == 30  # 1 s at 44.1 kHz stereo
-        assert REGISTRY.get_sample_value("a2e_batch_windows_count") > 0
+        assert REGISTRY.get_sample_value("a2e_batch_windows_count", {"engine": "0"}) > 0
     finally:
         service.close()
 
