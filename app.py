@@ -27,6 +27,7 @@ from sanic.response import HTTPResponse
 from a2e.errors import A2EError, AudioError, AudioTooLongError, CheckpointError
 from a2e.separation import SeparationUnavailable
 from batching import BatcherStopped, Cancelled, QueueFull
+from engine.client import EngineUnavailable, RemoteError
 from server import access, metrics, responses
 from server.connections import (
     BoundedRequest,
@@ -103,8 +104,11 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         return responses.error(404, str(exc))
     if isinstance(exc, ShuttingDown):
         return responses.error(503, str(exc), {"Retry-After": "1", "Connection": "close"})
-    if isinstance(exc, A2EError) and hasattr(exc, "retry_after_s") and type(exc).__name__ == "EngineUnavailable":
-        return responses.error(503, str(exc), {"Retry-After": "2"})
+    if isinstance(exc, EngineUnavailable):
+        return responses.error(503, str(exc), {"Retry-After": str(int(exc.retry_after_s))})
+    if isinstance(exc, RemoteError):
+        log.error("engine error on %s %s (request %s): %s", request.method, request.path, _request_id(request), exc)
+        return responses.error(500, f"internal error (request id {_request_id(request)}); the server log has the details")
     if isinstance(exc, BatcherStopped):
         return responses.error(503, f"Model not loaded: {exc}")
     if isinstance(exc, PayloadTooLarge) and "header" in str(exc).lower():

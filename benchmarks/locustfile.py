@@ -4,7 +4,8 @@
     locust -f benchmarks/locustfile.py --host http://127.0.0.1:8000 --headless -u 20 -r 5 -t 60s
 
 Run locust in its own process (it patches ssl on import), never inside the
-server. A StreamingUser opens a session, sends 1 s chunks paced in real time
+server. All simulated users share one address: start the server with
+``--max-sessions-per-client`` above the user count. A StreamingUser opens a session, sends 1 s chunks paced in real time
 and closes it; a ClipUser posts whole clips now and then.
 """
 

@@ -231,7 +231,8 @@ def test_sigterm_answers_in_flight_requests_and_stops_every_process(checkpoint, 
 
     port = free_port()
     args = ["app.py", "--config-file", str(config_file), "--weight", str(checkpoint), "--workers", "2",
-            "--devices", "cpu,cpu", "--graceful-shutdown-s", "5", "--max-batch", "1", "--health-detail"]  # fmt: skip
+            "--devices", "cpu,cpu", "--graceful-shutdown-s", "5", "--max-batch", "1", "--health-detail",
+            "--no-auto-limits"]  # fmt: skip
     proc = start(args, port, dict(os.environ, A2E_LOG_LEVEL="warning"))
     base = f"http://127.0.0.1:{port}"
     engines = engine_pids(base)

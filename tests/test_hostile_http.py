@@ -218,7 +218,7 @@ def test_sigterm_answers_in_flight_requests(checkpoint, config_file):
     port = free_port()
     proc = start(
         ["app.py", "--config-file", str(config_file), "--weight", str(checkpoint), "--graceful-shutdown-s", "5",
-         "--max-batch", "1", "--log-level", "warning"],
+         "--max-batch", "1", "--log-level", "warning", "--no-auto-limits"],
         port,
     )  # fmt: skip
     from concurrent.futures import ThreadPoolExecutor
