@@ -27,7 +27,7 @@ from sanic.response import HTTPResponse
 from a2e.errors import A2EError, AudioError, AudioTooLongError, CheckpointError
 from a2e.separation import SeparationUnavailable
 from batching import BatcherStopped, Cancelled, QueueFull
-from engine.client import EngineUnavailable, RemoteError
+from engine.client import EnginePool, EngineUnavailable, RemoteError
 from server import access, metrics, responses
 from server.connections import (
     BoundedRequest,
@@ -42,8 +42,7 @@ from server.forms import RequestError
 from server.logs import configure_logging
 from server.routes import bp
 from server.front import Engine, Front
-from server.service import InferenceService, SeparationBusy, SessionNotFound, ShuttingDown
-from server.sessions import SessionLimitReached
+from server.engine_api import SeparationBusy, SessionLimitReached, SessionNotFound, ShuttingDown
 from server.settings import Settings, load_settings
 
 log = logging.getLogger("a2e.server")
@@ -154,7 +153,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
     app.ctx.upload_budget = UploadBudget(int(settings.upload_memory_mb * 1024 * 1024))
     # Whoever creates the engine closes it: the app only when it made it.
     app.ctx.owns_engine = engine is None
-    engine = engine or InferenceService(settings)
+    if engine is None:
+        from server.service import InferenceService  # the model side (torch): never imported by HTTP workers
+
+        engine = InferenceService(settings)
     app.ctx.front = Front(settings, engine)
     app.blueprint(bp)
     app.error_handler.add(Exception, _error_response)
@@ -165,7 +167,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
     async def start_engine(app: Sanic) -> None:
         front: Front = app.ctx.front
         front.accept_work()
-        if not isinstance(front.engine, InferenceService):
+        if isinstance(front.engine, EnginePool):
             await front.engine.connect()  # engine processes, started by the main process
             return
         svc = front.engine
@@ -182,14 +184,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
         if app.asgi:
             return  # an ASGI server owns connections and their draining (and runs this per request in tests)
         app.ctx.front.begin_drain(settings.graceful_shutdown_s)
-        if isinstance(app.ctx.front.engine, InferenceService):
+        if not isinstance(app.ctx.front.engine, EnginePool):
             app.ctx.front.engine.begin_drain()
 
     @app.after_server_stop
     async def shutdown(app: Sanic) -> None:
         front: Front = app.ctx.front
         front.close()
-        if not isinstance(front.engine, InferenceService):
+        if isinstance(front.engine, EnginePool):
             await front.engine.disconnect()
         elif app.ctx.owns_engine:
             front.engine.close()
@@ -224,7 +226,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
     return app
 
 
-async def _expire_sessions(service: InferenceService) -> None:
+async def _expire_sessions(service) -> None:
     while True:
         await asyncio.sleep(EXPIRY_INTERVAL_S)
         service.expire_sessions()
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
     if settings.worker_count > 0:
         return _serve_with_engines(settings, early_stop)
+    from server.service import InferenceService
+
     service = InferenceService(settings)
     try:
         service.load()  # before binding, so a bad checkpoint stops start-up with its reason
@@ -275,8 +279,6 @@ def _stop_if_asked_early(app: Sanic, early_stop: list[int]) -> None:
 
 def worker_app(settings: Settings, engine_paths: list[str]) -> Sanic:
     """The app of one HTTP worker process: it reaches the engines through their sockets."""
-    from engine.client import EnginePool
-
     configure_logging(settings.log_level)
     app = create_app(settings, EnginePool(settings, engine_paths))
     return app

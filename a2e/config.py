@@ -11,10 +11,12 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
-from .model import DEFAULT_WAV2VEC2_CONFIG, ModelDims
+
+if TYPE_CHECKING:
+    from .model import ModelDims
 
 
 def _value(node: ast.AST, where: str) -> Any:
@@ -64,6 +66,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def model_dims(config: dict[str, Any], base_dir: str | Path = ".") -> ModelDims:
     """ModelDims from a config's ``model.backbone`` section (streaming defaults otherwise)."""
+    # The network (torch, transformers) only where it is needed: reading
+    # settings happens in HTTP workers too.
+    from .model import DEFAULT_WAV2VEC2_CONFIG, ModelDims
+
     backbone = dict(config.get("model", {}).get("backbone", {}))
     w2v_path = backbone.get("wav2vec2_config_path")
     w2v_file = Path(w2v_path) if w2v_path else DEFAULT_WAV2VEC2_CONFIG

@@ -26,14 +26,17 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import postprocess
 from .audio import rms_volume
-from .backend import Backend
 from .constants import SAMPLE_RATE, VOLUME_HOP, WINDOW_FRAMES, WINDOW_SAMPLES
 from .loudness import LoudnessMode, StreamLoudness
+
+if TYPE_CHECKING:  # the model (torch) is only needed by whoever runs windows
+    from .backend import Backend
 
 # Sub-chunks are multiples of 0.1 s (3 frames) so their frame counts add up
 # to the frame count of the whole chunk.
@@ -138,7 +141,7 @@ def finish_chunk(state: StreamState, plan: ChunkPlan, model_frames: np.ndarray) 
     return out
 
 
-def push_chunk(state: StreamState, backend: Backend, audio: np.ndarray) -> np.ndarray:
+def push_chunk(state: StreamState, backend: "Backend", audio: np.ndarray) -> np.ndarray:
     """Synchronous convenience: plan, run all windows in one batch, finish."""
     plans = plan_chunk(state, audio)
     out = backend.run_windows(np.stack([p.window for p in plans]), np.full(len(plans), state.identity))

@@ -37,29 +37,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from a2e.backend import Backend
+from a2e.backend import Backend  # noqa: F401  (the protocol this batcher implements)
 from a2e.constants import SAMPLE_RATE, WINDOW_SAMPLES
 from a2e.errors import ModelOutputError
 
 from . import metrics
+from .errors import BatcherStopped, Cancelled, QueueFull
 
 log = logging.getLogger("a2e.batcher")
-
-
-class QueueFull(RuntimeError):
-    """The batcher's queue is at its bound; retry later."""
-
-    def __init__(self, depth: int, retry_after_s: float) -> None:
-        super().__init__(f"inference queue is full ({depth} windows waiting); retry in {retry_after_s:.0f} s")
-        self.retry_after_s = retry_after_s
-
-
-class BatcherStopped(RuntimeError):
-    """The batcher is not running (shutting down, or never started)."""
-
-
-class Cancelled(RuntimeError):
-    """The request that owned this work was cancelled (client gone, deadline passed)."""
 
 
 @dataclass

@@ -26,19 +26,19 @@ import numpy as np
 from a2e.errors import A2EError, CheckpointError, ModelOutputError
 from a2e.loudness import LoudnessMode
 from a2e.separation import SeparationUnavailable
-from batching import BatcherStopped, Cancelled, QueueFull
-from server.service import (
+from batching.errors import BatcherStopped, Cancelled, QueueFull
+from server.engine_api import (
     ChunkResult,
     Limits,
     SeparationBusy,
+    SessionLimitReached,
     SessionNotFound,
     SessionOpened,
     ShuttingDown,
 )
-from server.sessions import SessionLimitReached
 from server.settings import Settings
 
-from .process import engine_of
+from .session_ids import engine_of
 from .transport import RING_BYTES, Channel, TransportError, open_channel
 
 log = logging.getLogger("a2e.engine.client")
@@ -277,6 +277,7 @@ class EnginePool:
             "queue_windows": sum(e["queue_windows"] for e in engines),
             "vocal_isolation": separation,
             "draining": any(link.stats.get("draining") for link in self.links if link.up),
+            "gpu_available": any(link.stats.get("gpu_available") for link in self.links if link.up),
             "engines": engines,
         }  # fmt: skip
 

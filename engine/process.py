@@ -34,26 +34,12 @@ from server.logs import configure_logging
 from server.service import InferenceService, SessionNotFound
 from server.settings import Settings
 
+from .session_ids import engine_of, session_tag
 from .transport import Channel, TransportError, accept_channel
 
 log = logging.getLogger("a2e.engine")
 
 EXPIRY_INTERVAL_S = 5.0
-
-
-def session_tag(index: int, generation: int) -> str:
-    return f"{index % 256:02x}{generation % 256:02x}"
-
-
-def engine_of(session_id: str) -> tuple[int, int] | None:
-    """(engine index, generation) from a session id this project made, else None."""
-    tail = session_id[-4:]
-    if len(session_id) != 36 or len(tail) != 4:
-        return None
-    try:
-        return int(tail[:2], 16), int(tail[2:], 16)
-    except ValueError:
-        return None
 
 
 def error_reply(request_id: int, exc: BaseException) -> dict[str, Any]:

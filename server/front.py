@@ -21,7 +21,7 @@ from a2e.constants import SAMPLE_RATE
 from a2e.errors import AudioError
 from a2e.loudness import LoudnessMode
 
-from .service import ChunkResult, Limits, SessionOpened, ShuttingDown
+from .engine_api import ChunkResult, Limits, SessionOpened, ShuttingDown
 from .sessions import Turn
 from .settings import Settings
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 
-import torch
 from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Blueprint
 from sanic.request import Request
@@ -87,7 +86,7 @@ async def health(request: Request) -> HTTPResponse:
     body = {
         "status": "healthy" if stats["ready"] else "not_ready",
         "model_loaded": stats["ready"],
-        "gpu_available": torch.cuda.is_available(),
+        "gpu_available": bool(stats.get("gpu_available")),
         "sessions": stats["sessions"],
         "model": stats["model"],
         "detail": stats["detail"],

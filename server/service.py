@@ -32,7 +32,7 @@ from a2e import clip, streaming
 from a2e.checkpoint import load_model
 from a2e.config import model_dims, read_config
 from a2e.constants import SAMPLE_RATE
-from a2e.errors import A2EError, CheckpointError, ModelOutputError
+from a2e.errors import CheckpointError, ModelOutputError
 from a2e.lite import load_lite
 from a2e.loudness import LoudnessMode, StreamLoudness
 from a2e.separation import SeparationUnavailable, VocalSeparator
@@ -41,7 +41,11 @@ from batching import metrics as batch_metrics
 from batching.stub import StubRunner
 
 from . import metrics
+from .engine_api import ChunkResult, Limits, SeparationBusy, SessionNotFound, SessionOpened, ShuttingDown
 from .sessions import Session, SessionStore
+
+__all__ = ["ChunkResult", "InferenceService", "Limits", "SeparationBusy", "SessionNotFound", "SessionOpened",
+           "ShuttingDown", "shown_path"]
 from .settings import ROOT, Settings
 
 log = logging.getLogger("a2e.service")
@@ -55,25 +59,6 @@ SEPARATION_MAX_RATE = 48_000
 T = TypeVar("T")
 
 
-class SeparationBusy(A2EError):
-    """Too many vocal-isolation requests are running or waiting."""
-
-
-class ShuttingDown(A2EError):
-    """The server is draining for shutdown and takes no more work."""
-
-
-@dataclass
-class Limits:
-    """The length limits in force: the configured ones, lowered (with
-    ``auto_limits``) to what the model processes within half the response
-    timeout, measured at start-up."""
-
-    max_audio_s: float
-    max_chunk_s: float
-    audio_s_per_s: float | None = None  # measured model speed (seconds of audio per second)
-
-
 @dataclass
 class ModelInfo:
     name: str
@@ -83,26 +68,6 @@ class ModelInfo:
     num_identities: int
     parameters: int
     runner_mode: str
-
-
-@dataclass
-class ChunkResult:
-    frames: np.ndarray
-    chunk_index: int
-    audio_seconds: float
-    start_time: float  # session time of the chunk's first frame
-    context_mode: str
-
-
-@dataclass
-class SessionOpened:
-    session_id: str
-    context_mode: str
-    loudness: str
-
-
-class SessionNotFound(A2EError):
-    """No open session has this id (unknown, closed, expired, or lost with its engine)."""
 
 
 def _session_metrics(active: int, expired: int) -> None:
@@ -287,6 +252,7 @@ class InferenceService:
             "queue_windows": self.batcher.queued_windows if self.batcher else 0,
             "vocal_isolation": separation,
             "draining": self.draining,
+            "gpu_available": torch.cuda.is_available(),
         }
 
     # -- draining --------------------------------------------------------------

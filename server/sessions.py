@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from a2e.streaming import StreamState
 
+from .engine_api import SessionLimitReached
 
-class SessionLimitReached(RuntimeError):
-    pass
+__all__ = ["Session", "SessionLimitReached", "SessionStore", "Turn"]
 
 
 class Turn:

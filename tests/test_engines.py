@@ -16,7 +16,7 @@ import requests
 
 from a2e.audio import load
 from a2e.loudness import LoudnessMode
-from engine.process import engine_of
+from engine.session_ids import engine_of
 from engine.transport import Channel, Ring
 from server.service import InferenceService
 from server.settings import Settings
