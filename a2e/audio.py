@@ -297,9 +297,13 @@ def rms_volume(audio: np.ndarray, sr: int = SAMPLE_RATE, frame_length: int | Non
     for b0 in range(0, n, _RMS_BLOCK):
         b1 = min(n, b0 + _RMS_BLOCK)
         lo, hi = b0 * hop - pad, (b1 - 1) * hop + frame_length - pad
-        seg = x[max(lo, 0) : max(min(hi, len(x)), 0)]
-        seg = np.pad(seg, (max(0, -lo), max(0, hi - len(x))))
-        frames = np.lib.stride_tricks.sliding_window_view(seg, frame_length)[::hop][: b1 - b0]
+        # The block's samples with the centring zeros around them, and its
+        # frames as a strided view (numpy's pad and sliding_window_view cost
+        # more than the arithmetic for a streaming chunk's 30 frames).
+        seg = np.zeros(hi - lo, dtype=np.float32)
+        inside = x[max(lo, 0) : max(min(hi, len(x)), 0)]
+        seg[max(0, -lo) : max(0, -lo) + len(inside)] = inside
+        frames = np.lib.stride_tricks.as_strided(seg, shape=(b1 - b0, frame_length), strides=(hop * 4, 4))
         power = np.mean(np.square(frames, dtype=np.float32), axis=1, dtype=np.float32)
         volume[b0:b1] = np.sqrt(power)
     return volume

@@ -78,22 +78,25 @@ def damp_silent_mouth(
         run = run[run < n]
         if run.size == 0:
             continue
-        rows = run[:, None]
-        out[rows, MOUTH_GROUP] *= SILENCE_MOUTH_FACTOR
-        start, end = int(run[0]), int(run[-1])
+        start, end = int(run[0]), int(run[-1])  # a run is consecutive frames: a slice
+        out[start : end + 1, MOUTH_GROUP] *= SILENCE_MOUTH_FACTOR
         k = min(edge_blend, start - processed_frames)
         if k > 0:
-            before = out[start - 1].copy()
-            for i in range(k):
-                w = (i + 1) / (k + 1)
-                out[start + i] = before * (1 - w) + out[start + i] * w
+            keep, take = _blend_weights(k)
+            out[start : start + k] = out[start - 1] * keep + out[start : start + k] * take
         k = min(edge_blend, n - end - 1)
         if k > 0:
-            after = out[end + 1].copy()
-            for i in range(k):
-                w = (i + 1) / (k + 1)
-                out[end - i] = after * (1 - w) + out[end - i] * w
+            keep, take = _blend_weights(k)
+            rows = slice(end, end - k, -1)  # end, end-1, ...: the weights grow away from the edge
+            out[rows] = out[end + 1] * keep + out[rows] * take
     return out
+
+
+def _blend_weights(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row weights ``1 - w`` and ``w``, ``w = (i+1)/(k+1)``, as float32 columns:
+    the values numpy would use for each Python-float weight on float32 rows."""
+    w = [(i + 1) / (k + 1) for i in range(k)]
+    return np.array([1 - x for x in w], dtype=np.float32)[:, None], np.array(w, dtype=np.float32)[:, None]
 
 
 def blend_chunk_start(

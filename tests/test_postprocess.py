@@ -286,3 +286,57 @@ def test_savgol_is_scipys_filter_exactly_at_every_length(n):
     x = np.random.default_rng(n).random((n, 52)).astype(np.float32)
     want = np.clip(savgol_filter(x.astype(np.float64), 5, 2, axis=0, mode="mirror"), 0, 1).astype(np.float32)
     assert np.array_equal(pp.savgol_smooth(x), want)
+
+
+def _damp_by_loops(frames, volume, processed_frames):
+    """The damping written plainly, row by row (what the vectorised version must equal)."""
+    from a2e.constants import MOUTH_GROUP
+    from a2e.postprocess import find_silent_runs
+
+    out = np.array(frames, copy=True)
+    n = len(out)
+    for run in find_silent_runs(volume):
+        run = run[run < n]
+        if run.size == 0:
+            continue
+        for r in run:
+            out[r, MOUTH_GROUP] *= 0.1
+        start, end = int(run[0]), int(run[-1])
+        k = min(3, start - processed_frames)
+        before = out[start - 1].copy() if k > 0 else None
+        for i in range(max(k, 0)):
+            w = (i + 1) / (k + 1)
+            out[start + i] = before * (1 - w) + out[start + i] * w
+        k = min(3, n - end - 1)
+        after = out[end + 1].copy() if k > 0 else None
+        for i in range(max(k, 0)):
+            w = (i + 1) / (k + 1)
+            out[end - i] = after * (1 - w) + out[end - i] * w
+    return out
+
+
+def test_vectorised_damping_equals_the_row_by_row_form_bit_for_bit():
+    from a2e.postprocess import damp_silent_mouth
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        t = int(rng.integers(2, 130))
+        frames = rng.random((t, 52)).astype(np.float32)
+        volume = np.where(rng.random(t) < rng.random(), 0.0, 0.1).astype(np.float32)
+        p = int(rng.integers(0, t))
+        assert np.array_equal(damp_silent_mouth(frames, volume, p), _damp_by_loops(frames, volume, p))
+
+
+def test_rms_volume_equals_the_padded_sliding_window_form_bit_for_bit():
+    from a2e.audio import rms_volume
+
+    rng = np.random.default_rng(4)
+    for n in (1, 100, 532, 533, 534, 16000, 12345, 16000 * 70):
+        x = (rng.standard_normal(n) * 0.2).astype(np.float32)
+        for frame_length in (533, min(533, n)):
+            pad = frame_length // 2
+            padded = np.pad(x, (pad, pad + frame_length))
+            count = len(rms_volume(x, 16000, frame_length))
+            windows = np.lib.stride_tricks.sliding_window_view(padded, frame_length)[::533][:count]
+            want = np.sqrt(np.mean(np.square(windows, dtype=np.float32), axis=1, dtype=np.float32))
+            assert np.array_equal(rms_volume(x, 16000, frame_length), want)
