@@ -43,19 +43,17 @@ from batching.stub import StubRunner
 from . import metrics
 from .engine_api import ChunkResult, Limits, SeparationBusy, SessionNotFound, SessionOpened, ShuttingDown
 from .sessions import Session, SessionStore
+from .settings import ROOT, Settings
 
+# The result and error types live in engine_api (shared with the HTTP side); they are re-exported here.
 __all__ = ["ChunkResult", "InferenceService", "Limits", "SeparationBusy", "SessionNotFound", "SessionOpened",
            "ShuttingDown", "shown_path"]
-from .settings import ROOT, Settings
 
 log = logging.getLogger("a2e.service")
 
-MIN_CHUNK_SECONDS = 0.1
 # Effective length limits keep a request's model time within this share of
 # the response timeout, leaving the rest for queueing and everything else.
 LIMIT_SHARE_OF_TIMEOUT = 0.5
-# Vocal isolation works at up to 48 kHz (Demucs resamples to 44.1 kHz anyway).
-SEPARATION_MAX_RATE = 48_000
 T = TypeVar("T")
 
 
