@@ -32,7 +32,7 @@ def server(checkpoint, config_file):
     env = dict(os.environ, A2E_LOG_LEVEL="warning")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     args = ["app.py", "--config-file", str(config_file), "--weight", str(checkpoint), "--workers", "2",
-            "--devices", "cpu,cpu", "--health-detail", "--cpu-threads", "1"]  # fmt: skip
+            "--devices", "cpu,cpu", "--health-detail", "--cpu-threads", "1", "--header-timeout-s", "1"]  # fmt: skip
     proc = start(args, port, env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60  # both workers up (health answers from the first)
@@ -168,6 +168,43 @@ def test_a_killed_engine_loses_only_its_sessions(server):
     assert engine_of(new[0])[0] == 0  # the restarted engine, now the least loaded, takes new sessions
     for sid in new:
         stream(base, sid, CHUNKS[:1])
+
+
+def test_workers_cut_off_slow_headers_too(server):
+    import socket
+
+    _, base = server
+    port = int(base.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    t0 = time.monotonic()
+    try:
+        for byte in b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            sock.send(bytes([byte]))
+            time.sleep(0.05)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    sock.settimeout(5)
+    try:
+        while sock.recv(4096):
+            pass
+    except (socket.timeout, ConnectionResetError):
+        pass
+    assert time.monotonic() - t0 < 4  # 1 s header deadline, checked every 0.5 s
+    sock.close()
+
+
+def test_a_mistyped_weight_stops_start_up_with_workers(config_file, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_end_to_end import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "app.py", "--config-file", str(config_file), "--weight", str(tmp_path / "typo.tar"),
+         "--workers", "1", "--devices", "cpu", "--port", str(free_port())],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "typo.tar" in proc.stderr and "does not exist" in proc.stderr
 
 
 def test_one_metrics_view_over_all_processes(server):
