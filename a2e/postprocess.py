@@ -10,6 +10,8 @@ blink and brow timing) are the reference's, see the model spec, section 4.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from scipy.ndimage import convolve1d, label
 from scipy.signal import savgol_coeffs
@@ -92,11 +94,17 @@ def damp_silent_mouth(
     return out
 
 
+@lru_cache(maxsize=8)
 def _blend_weights(k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-row weights ``1 - w`` and ``w``, ``w = (i+1)/(k+1)``, as float32 columns:
-    the values numpy would use for each Python-float weight on float32 rows."""
+    the values numpy would use for each Python-float weight on float32 rows.
+    Cached (k is at most a few frames), so read-only."""
     w = [(i + 1) / (k + 1) for i in range(k)]
-    return np.array([1 - x for x in w], dtype=np.float32)[:, None], np.array(w, dtype=np.float32)[:, None]
+    keep = np.array([1 - x for x in w], dtype=np.float32)[:, None]
+    take = np.array(w, dtype=np.float32)[:, None]
+    keep.setflags(write=False)
+    take.setflags(write=False)
+    return keep, take
 
 
 def blend_chunk_start(
