@@ -105,9 +105,8 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         return responses.error(503, str(exc), {"Retry-After": "1", "Connection": "close"})
     if isinstance(exc, EngineUnavailable):
         return responses.error(503, str(exc), {"Retry-After": str(int(exc.retry_after_s))})
-    if isinstance(exc, RemoteError):
-        log.error("engine error on %s %s (request %s): %s", request.method, request.path, _request_id(request), exc)
-        return responses.error(500, f"internal error (request id {_request_id(request)}); the server log has the details")
+    if isinstance(exc, RemoteError):  # the engine logged its traceback; this line ties it to the request
+        return _internal_error(request, exc, exc_info=False)
     if isinstance(exc, BatcherStopped):
         return responses.error(503, f"Model not loaded: {exc}")
     if isinstance(exc, PayloadTooLarge) and "header" in str(exc).lower():
@@ -120,6 +119,11 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
             message = f"request body too large: the limit is {limit:g} MB"
         if status < 500 or status == 503:
             return responses.error(status, message, getattr(exc, "headers", None))
+    return _internal_error(request, exc, exc_info=True)
+
+
+def _internal_error(request: Request, exc: Exception, exc_info: bool) -> HTTPResponse:
+    """Our fault: the details go to the log under the request id, the client gets the id only."""
     request_id = _request_id(request)
     log.error(
         "internal error on %s %s (request %s): %s: %s",
@@ -128,7 +132,7 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         request_id,
         type(exc).__name__,
         exc,
-        exc_info=exc,
+        exc_info=exc if exc_info else None,
     )
     return responses.error(500, f"internal error (request id {request_id}); the server log has the details")
 

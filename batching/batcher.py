@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from a2e.backend import Backend  # noqa: F401  (the protocol this batcher implements)
+from a2e.backend import Backend
 from a2e.constants import SAMPLE_RATE, WINDOW_SAMPLES
 from a2e.errors import ModelOutputError
 

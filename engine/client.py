@@ -35,6 +35,7 @@ from server.engine_api import (
     SessionNotFound,
     SessionOpened,
     ShuttingDown,
+    shown_path,
 )
 from server.settings import Settings
 
@@ -261,12 +262,12 @@ class EnginePool:
                     "pid": link.greeting.get("pid") if detail else None,
                 }
             )
+        # Engines report full paths; what is shown follows this worker's --health-detail.
         model = base.get("model")
-        if model is not None and not detail:
-            model = {**model, "weights": (model.get("weights") or "").replace("\\", "/").rsplit("/", 1)[-1]}
+        if model is not None:
+            model = {**model, "weights": shown_path(model.get("weights"), detail)}
         separation = dict(base.get("vocal_isolation") or {"available": None})
-        if separation.get("model_dir") and not detail:
-            separation["model_dir"] = separation["model_dir"].replace("\\", "/").rsplit("/", 1)[-1]
+        separation["model_dir"] = shown_path(separation.get("model_dir"), detail)
         return {
             "ready": self.ready,
             "detail": None if self.ready else self.not_ready_reason,

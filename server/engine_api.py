@@ -53,3 +53,11 @@ class SessionNotFound(A2EError):
 
 class SessionLimitReached(A2EError):
     """Too many open sessions, in all or for one client."""
+
+
+def shown_path(path: str | None, detail: bool) -> str | None:
+    """File names only unless the operator asks for detail: absolute paths tell
+    an attacker about the machine."""
+    if path is None or detail:
+        return path
+    return path.replace("\\", "/").rsplit("/", 1)[-1]

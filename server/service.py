@@ -41,7 +41,7 @@ from batching import metrics as batch_metrics
 from batching.stub import StubRunner
 
 from . import metrics
-from .engine_api import ChunkResult, Limits, SeparationBusy, SessionNotFound, SessionOpened, ShuttingDown
+from .engine_api import ChunkResult, Limits, SeparationBusy, SessionNotFound, SessionOpened, ShuttingDown, shown_path
 from .sessions import Session, SessionStore
 from .settings import ROOT, Settings
 
@@ -408,14 +408,6 @@ class InferenceService:
         metrics.AUDIO_SECONDS.labels("stream").inc(seconds)
         metrics.FRAMES.labels("stream").inc(len(frames))
         return ChunkResult(frames, index, seconds, start_time, state.mode.value)
-
-
-def shown_path(path: str | None, detail: bool) -> str | None:
-    """File names only unless the operator asks for detail: absolute paths tell
-    an attacker about the machine."""
-    if path is None or detail:
-        return path
-    return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _consume_exception(fut: asyncio.Future) -> None:

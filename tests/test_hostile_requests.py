@@ -176,7 +176,6 @@ def stalled(service: InferenceService, gate: threading.Event):
 
 async def test_a_chunk_whose_client_hangs_up_leaves_no_trace(served):
     _, service = served
-    service.accept_work()  # the ASGI test client drains the service after each request
     a, b, c = (speech_like(0.7, seed=s) for s in (1, 2, 3))
     ref = (await service.open_session(0, 11, "continuous")).session_id
     for x in (a, c):
