@@ -40,6 +40,7 @@ from server.forms import RequestError
 from server.logs import configure_logging
 from server.routes import bp
 from server.stream_socket import bp as stream_bp
+from server.ace_grpc.listener import serve_grpc
 from server.statuses import status_of
 from server.front import Engine, Front
 from server.settings import Settings, load_settings
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, service)
+    serve_grpc(app, settings)
     _stop_if_asked_early(app, early_stop)
     app.run(
         host=settings.host,
@@ -264,6 +266,7 @@ def worker_app(settings: Settings, engine_paths: list[str]) -> Sanic:
     """The app of one HTTP worker process: it reaches the engines through their sockets."""
     configure_logging(settings.log_level)
     app = create_app(settings, EnginePool(settings, engine_paths))
+    serve_grpc(app, settings)
     return app
 
 

@@ -39,6 +39,7 @@ from . import postprocess
 from .audio import rms_volume
 from .constants import NUM_BLENDSHAPES, SAMPLE_RATE, VOLUME_HOP, WINDOW_FRAMES, WINDOW_SAMPLES, frame_count
 from .loudness import LoudnessMode, StreamLoudness
+from .tuning import Tuning, apply as apply_tuning
 
 if TYPE_CHECKING:  # the model (torch) is only needed by whoever runs windows
     from .backend import Backend
@@ -68,6 +69,8 @@ class StreamState:
     samples_received: int = 0  # session audio so far (the continuous mode's frame clock)
     loudness_mode: LoudnessMode = LoudnessMode.OFF
     loudness: StreamLoudness | None = None  # the session's level estimate, when a mode is on
+    tuning: Tuning | None = None  # the session's output tuning (a2e.tuning), None: untouched
+    tuned_last: np.ndarray | None = None  # the tuning's smoothing state: the last smoothed frame
 
     def snapshot(self) -> dict:
         """What to roll back to, so a chunk is applied whole or not at all.
@@ -263,3 +266,13 @@ def push_chunk(state: StreamState, backend: "Backend", audio: np.ndarray) -> np.
         return np.zeros((0, NUM_BLENDSHAPES), dtype=np.float32)
     out = backend.run_windows(np.stack([p.window for p in plans]), np.full(len(plans), state.identity))
     return np.concatenate([finish_chunk(state, p, o) for p, o in zip(plans, out)])
+
+
+def tune(state: StreamState, frames: np.ndarray) -> np.ndarray:
+    """A finished chunk's frames as the session's client asked for them. Only
+    what is sent is tuned: the stored previous frames, which later chunks
+    are post-processed against, stay the model's."""
+    if state.tuning is None:
+        return frames
+    tuned, state.tuned_last = apply_tuning(frames, state.tuning, state.tuned_last)
+    return tuned

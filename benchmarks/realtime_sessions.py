@@ -149,6 +149,27 @@ async def run_level(url: str, n: int, n_chunks: int, chunks: list[bytes], chunk_
     }
 
 
+def rest_comparison(url: str, server_pid: int, n: int, seconds: float) -> dict:
+    """N REST sessions of 1 s WAV chunks for ``seconds``, with the server's and
+    this client's CPU per second of audio: the baseline the streaming
+    benchmarks measure against in the same run."""
+    from benchmarks.process_split import cpu_s, tree
+
+    chunks = speech_chunks(16, 1.0)
+    cpu0, mine0 = cpu_s(tree(server_pid)), time.process_time()
+    row = asyncio.run(run_level(url, n, int(seconds), chunks, 1.0))
+    cpu, mine = cpu_s(tree(server_pid)) - cpu0, time.process_time() - mine0
+    row.update(transport="rest", chunk_s=1.0, server_cpu_ms_per_audio_s=round(1000 * cpu / (n * seconds), 3),
+               client_cpu_ms_per_audio_s=round(1000 * mine / (n * seconds), 3))  # fmt: skip
+    print(
+        f"REST 1 s chunks N={n:4d} kept={row['kept_real_time']:4d} p50={row['p50']:.3f} p99={row['p99']:.3f} "
+        f"errors={row['errors']} server CPU {row['server_cpu_ms_per_audio_s']:.2f} ms per audio s "
+        f"(client {row['client_cpu_ms_per_audio_s']:.2f})",
+        flush=True,
+    )
+    return row
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, released_checkpoint, save  # noqa: E402
 from benchmarks.process_split import cpu_s, tree  # noqa: E402
-from benchmarks.realtime_sessions import run_level, speech_chunks, start_server  # noqa: E402
+from benchmarks.realtime_sessions import rest_comparison, speech_chunks, start_server  # noqa: E402
 
 def cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its descendants."""
@@ -184,17 +184,7 @@ def main() -> None:
                     flush=True,
                 )
             if not args.no_rest:
-                chunks = speech_chunks(16, 1.0)
-                cpu0 = cpu_seconds(proc.pid)
-                row = asyncio.run(run_level(url, n, int(args.seconds), chunks, 1.0))
-                cpu = cpu_seconds(proc.pid) - cpu0
-                row.update(transport="rest", chunk_s=1.0, server_cpu_ms_per_audio_s=round(1000 * cpu / (n * args.seconds), 3))
-                rows.append(row)
-                print(
-                    f"REST 1 s chunks N={n:4d} kept={row['kept_real_time']:4d} p50={row['p50']:.3f} p99={row['p99']:.3f} "
-                    f"errors={row['errors']} server CPU {row['server_cpu_ms_per_audio_s']:.2f} ms per audio s",
-                    flush=True,
-                )
+                rows.append(rest_comparison(url, proc.pid, n, args.seconds))
     finally:
         proc.terminate()
         proc.wait(20)

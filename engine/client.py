@@ -319,9 +319,15 @@ class EnginePool:
         return out[0]
 
     async def open_session(
-        self, identity: int, seed: int | None, mode: str, loudness: LoudnessMode = LoudnessMode.OFF, client: str = ""
+        self,
+        identity: int,
+        seed: int | None,
+        mode: str,
+        loudness: LoudnessMode = LoudnessMode.OFF,
+        client: str = "",
+        tuning: dict | None = None,
     ) -> SessionOpened:
-        header = {"identity": identity, "seed": seed, "mode": mode, "loudness": loudness.value, "client": client}
+        header = {"identity": identity, "seed": seed, "mode": mode, "loudness": loudness.value, "client": client, "tuning": tuning}
         reply, _ = await self._pick("sessions").call("open", header)
         return SessionOpened(reply["session_id"], reply["context_mode"], reply["loudness"])
 

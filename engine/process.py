@@ -171,7 +171,9 @@ class EngineServer:
     async def run(self, op: str, h: dict, arrays: list[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
         s = self.service
         if op == "open":
-            o = await s.open_session(h["identity"], h.get("seed"), h["mode"], LoudnessMode(h["loudness"]), h.get("client", ""))
+            o = await s.open_session(
+                h["identity"], h.get("seed"), h["mode"], LoudnessMode(h["loudness"]), h.get("client", ""), h.get("tuning")
+            )
             return {"session_id": o.session_id, "context_mode": o.context_mode, "loudness": o.loudness}, []
         if op == "close":
             closed = await s.close_session(h["session"])

@@ -15,7 +15,7 @@ from sanic import Blueprint
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
-from a2e import raw_pcm
+from a2e import raw_pcm, tuning
 from a2e.loudness import LoudnessMode
 
 from . import forms, metrics, responses
@@ -62,6 +62,17 @@ def session_options(front: Front, body: dict) -> tuple[int, int | None, str, Lou
     if mode == "reference" and body.get("loudness") not in (None, "", "off"):
         raise forms.RequestError(422, "the reference context mode reproduces the reference exactly: loudness must be off")
     return identity, seed, mode, _loudness(body.get("loudness"), front)
+
+
+def tuning_options(body: dict) -> tuple[dict | None, tuple[str, ...]]:
+    """A new session's ``tuning`` (a2e.tuning): the spec to hand the engine and
+    what of it we cannot honour (told back to the client)."""
+    spec = body.get("tuning")
+    try:
+        parsed = tuning.parse(spec)
+    except tuning.TuningError as exc:
+        raise forms.RequestError(422, str(exc)) from None
+    return (spec if parsed.tuning is not None else None), parsed.ignored
 
 
 async def _encode(front: Front, body: dict, frames: int) -> HTTPResponse:
@@ -185,17 +196,21 @@ async def stream_init(request: Request) -> HTTPResponse:
     _require_model(front)
     body = forms.json_body(request)
     identity, seed, mode, loudness = session_options(front, body)
-    opened = await front.until_done(front.engine.open_session(identity, seed, mode, loudness, client_address(request)))
-    return responses.json_response(
-        {
-            "session_id": opened.session_id,
-            "message": "Streaming session initialized",
-            "id_idx": identity,
-            "context_mode": opened.context_mode,
-            "seed": seed,
-            "loudness": opened.loudness,
-        }
+    spec, ignored = tuning_options(body)
+    opened = await front.until_done(
+        front.engine.open_session(identity, seed, mode, loudness, client_address(request), spec)
     )
+    answer = {
+        "session_id": opened.session_id,
+        "message": "Streaming session initialized",
+        "id_idx": identity,
+        "context_mode": opened.context_mode,
+        "seed": seed,
+        "loudness": opened.loudness,
+    }
+    if "tuning" in body:
+        answer["tuning_ignored"] = list(ignored)
+    return responses.json_response(answer)
 
 
 @bp.post("/api/infer_stream_chunk")

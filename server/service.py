@@ -34,6 +34,7 @@ import torch
 
 from a2e import audio as audio_io
 from a2e import clip, streaming
+from a2e import tuning as tuning_spec
 from a2e.checkpoint import load_model
 from a2e.config import model_dims, read_config
 from a2e.constants import NUM_BLENDSHAPES, SAMPLE_RATE
@@ -357,7 +358,9 @@ class InferenceService:
         mode: str,
         loudness: LoudnessMode = LoudnessMode.OFF,
         client: str = "",
+        tuning: dict | None = None,
     ) -> SessionOpened:
+        """``tuning`` is an ``a2e.tuning`` spec, already validated by the front."""
         self._require_ready()
         self.check_accepting()
         rng = np.random.default_rng(seed if seed is not None else secrets.randbits(64))
@@ -371,6 +374,7 @@ class InferenceService:
         )
         if state.loudness_mode is not LoudnessMode.OFF:
             state.loudness = StreamLoudness(self.settings.loudness_target_lufs)
+        state.tuning = tuning_spec.parse(tuning).tuning
         session = self.sessions.create(state, client)
         return SessionOpened(session.id, state.mode.value, state.loudness_mode.value)
 
@@ -492,6 +496,7 @@ class InferenceService:
         session.chunks_done += 1
         session.last_used = session.last_answer_at = time.monotonic()
         seconds = len(chunk.audio) / SAMPLE_RATE
+        frames = streaming.tune(session.state, frames)
         metrics.AUDIO_SECONDS.labels("stream").inc(seconds)
         metrics.FRAMES.labels("stream").inc(len(frames))
         chunk.answer(ChunkResult(frames, session.chunks_done, seconds, chunk.start_time, session.state.mode.value))

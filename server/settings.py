@@ -70,8 +70,9 @@ class Settings:
     api_key: str | None = field(default=None, metadata={"help": "require this key (X-API-Key or Authorization: Bearer) on all endpoints but health and metrics"})
     cors_origins: str = field(default="", metadata={"help": "comma-separated origins allowed to call from a browser ('*' for any); empty: no cross-origin use"})
     health_detail: bool = field(default=False, metadata={"help": "show absolute file paths in /api/health"})
-    stream_hop_s: float = field(default=0.5, metadata={"help": "WebSocket streams: run the model once this much new audio has arrived (per-stream 'hop' overrides); lower is less latency and more compute"})
-    stream_max_buffer_s: float = field(default=10.0, metadata={"help": "WebSocket streams: audio a stream may have waiting for the model; beyond it the stream is told and closed"})
+    stream_hop_s: float = field(default=0.5, metadata={"help": "WebSocket and gRPC streams: run the model once this much new audio has arrived (a WebSocket start message's 'hop' overrides); lower is less latency and more compute"})
+    stream_max_buffer_s: float = field(default=10.0, metadata={"help": "WebSocket and gRPC streams: audio a stream may have waiting for the model; beyond it a WebSocket stream is told and closed, a gRPC stream is read no further until the model catches up"})
+    grpc_port: int = field(default=52000, metadata={"help": "port of the Audio2Face-3D gRPC API (its clients' default, 52000); 0 turns it off"})
     # Where each setting came from (flag, env, file, default-config); not a setting itself.
     sources: dict = field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
     cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -98,6 +99,11 @@ class Settings:
                      "keep_alive_timeout_s", "upload_memory_mb", "graceful_shutdown_s", "stream_hop_s", "stream_max_buffer_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.stream_hop_s * 2 > self.stream_max_buffer_s:
+            # A stream must be able to hold a hop waiting plus the next one arriving.
+            raise ConfigError("stream_max_buffer_s must be at least twice stream_hop_s")
+        if not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(f"grpc_port must be 0 (off) or a port number, got {self.grpc_port}")
         return self
 
     @property

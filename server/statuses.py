@@ -5,6 +5,7 @@ table for the HTTP answers (app.py) and the WebSocket stream's error messages
 from __future__ import annotations
 
 from a2e.errors import AudioError, AudioTooLongError
+from a2e.tuning import TuningError
 from a2e.separation import SeparationUnavailable
 from batching.errors import BatcherStopped, QueueFull
 from engine.client import EngineUnavailable
@@ -19,6 +20,8 @@ Status = tuple[int, str, dict[str, str] | None]
 def status_of(exc: BaseException) -> Status | None:
     if isinstance(exc, RequestError):
         return exc.status, exc.detail, exc.headers
+    if isinstance(exc, TuningError):
+        return 422, str(exc), None
     if isinstance(exc, AudioTooLongError):
         return 413, str(exc), None
     if isinstance(exc, AudioError):

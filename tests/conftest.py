@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ ENGLISH = DATA / "BarackObama_english.wav"  # 16 kHz stereo WAV, 8.0 s
 MP3_AS_WAV = DATA / "LinJing_TTS_chinese.wav"  # really an MP3 at 48 kHz
 
 torch.set_num_threads(2)
+# Servers the tests start keep off the Audio2Face-3D port (52000) unless a
+# test gives one: a developer's own server may be holding it.
+os.environ.setdefault("A2E_GRPC_PORT", "0")
 
 
 def tiny_wav2vec2() -> dict:
