@@ -41,6 +41,7 @@ from server.logs import configure_logging
 from server.routes import bp
 from server.stream_socket import bp as stream_bp
 from server.ace_grpc.listener import serve_grpc
+from server.demo_page import bp as demo_bp
 from server.statuses import status_of
 from server.front import Engine, Front
 from server.settings import Settings, load_settings
@@ -143,6 +144,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
     app.ctx.front = Front(settings, engine)
     app.blueprint(bp)
     app.blueprint(stream_bp)
+    app.blueprint(demo_bp)
     app.error_handler.add(Exception, _error_response)
     # A client that hangs up: Sanic's RequestCancelled is a CancelledError, not an Exception.
     app.error_handler.add(RequestCancelled, _error_response)

@@ -19,13 +19,15 @@ from .forms import RequestError
 
 # Reachable without the API key: monitoring must work without secrets.
 OPEN_PATHS = frozenset({"/api/health", "/metrics"})
+# The demo page's own files hold no data: the calls the page makes carry the key.
+OPEN_PREFIX = "/demo"
 ALLOWED_HEADERS = "Content-Type, Authorization, X-API-Key, X-Request-ID"
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
 PREFLIGHT_MAX_AGE_S = 600
 
 
 def check_api_key(request: Request, key: str | None) -> None:
-    if not key or request.path in OPEN_PATHS or request.method == "OPTIONS":
+    if not key or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX) or request.method == "OPTIONS":
         return
     given = request.headers.get("x-api-key")
     auth = request.headers.get("authorization", "")

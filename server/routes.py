@@ -95,6 +95,7 @@ async def root(request: Request) -> HTTPResponse:
                 "stream": "/api/stream (WebSocket)",
                 "health": "/api/health",
                 "metrics": "/metrics",
+                "demo": "/demo",
             },
         }
     )

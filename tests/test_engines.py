@@ -161,7 +161,14 @@ def test_a_killed_engine_loses_only_its_sessions(server):
             break
         time.sleep(0.2)
     assert engines[0]["restarts"] == 1
-    res = requests.post(base + "/api/infer_stream_chunk", data={"session_id": on[0]}, files={"audio_chunk": ("c.wav", wav_bytes(CHUNKS[0]))})
+    # The worker that answered health sees the engine back; the other may still
+    # be reconnecting, and says so with 503 + Retry-After, as a client retries.
+    while True:
+        res = requests.post(base + "/api/infer_stream_chunk", data={"session_id": on[0]}, files={"audio_chunk": ("c.wav", wav_bytes(CHUNKS[0]))})
+        if res.status_code != 503 or time.time() > deadline:
+            break
+        assert "Retry-After" in res.headers
+        time.sleep(0.2)
     assert res.status_code == 404 and "engine restarted" in res.json()["detail"]
     stream(base, on[1], CHUNKS[:1])  # the other engine's session is untouched
     new = [open_session(base, 9) for _ in range(2)]

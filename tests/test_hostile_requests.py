@@ -71,7 +71,7 @@ async def test_cors_is_off_by_default(client):
     assert res.status == 403
 
 
-async def test_api_key_guards_all_but_health_and_metrics(checkpoint, config_file):
+async def test_api_key_guards_all_but_health_metrics_and_the_demo_page(checkpoint, config_file):
     app, service = make_app(checkpoint, config_file, api_key="s3cret")
     client = SanicASGITestClient(app)
     try:
@@ -83,7 +83,7 @@ async def test_api_key_guards_all_but_health_and_metrics(checkpoint, config_file
         assert res.status == 200
         _, res = await client.post("/api/infer_stream_init", json={}, headers={"Authorization": "Bearer s3cret"})
         assert res.status == 200
-        for path in ("/api/health", "/metrics"):
+        for path in ("/api/health", "/metrics", "/demo", "/demo/demo.js"):
             _, res = await client.get(path)
             assert res.status == 200
     finally:
