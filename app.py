@@ -42,11 +42,13 @@ from server.routes import bp
 from server.stream_socket import bp as stream_bp
 from server.ace_grpc.listener import serve_grpc
 from server.demo_page import bp as demo_bp
+from server.openapi import bp as openapi_bp
 from server.statuses import status_of
 from server.front import Engine, Front
 from server.settings import Settings, load_settings
 
 log = logging.getLogger("a2e.server")
+access_log = logging.getLogger("a2e.access")
 _app_ids = itertools.count()
 EXPIRY_INTERVAL_S = 5.0
 
@@ -145,6 +147,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
     app.blueprint(bp)
     app.blueprint(stream_bp)
     app.blueprint(demo_bp)
+    app.blueprint(openapi_bp)
     app.error_handler.add(Exception, _error_response)
     # A client that hangs up: Sanic's RequestCancelled is a CancelledError, not an Exception.
     app.error_handler.add(RequestCancelled, _error_response)
@@ -159,11 +162,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
         svc = front.engine
         svc.accept_work()
         loop = asyncio.get_running_loop()
-        if not svc.ready:
+        if not svc.load_attempted:
             await loop.run_in_executor(None, svc.load)
         if settings.separation_preload:
             await loop.run_in_executor(None, svc.preload_separator)
-        app.add_task(_expire_sessions(svc), name="expire_sessions")
+        # Our own task, not app.add_task: Sanic warns about its tasks when it cancels them at shutdown.
+        app.ctx.expiry = asyncio.ensure_future(_expire_sessions(svc))
 
     @app.before_server_stop
     async def drain(app: Sanic) -> None:
@@ -176,6 +180,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
     @app.after_server_stop
     async def shutdown(app: Sanic) -> None:
         front: Front = app.ctx.front
+        expiry = getattr(app.ctx, "expiry", None)
+        if expiry is not None:
+            expiry.cancel()
         front.close()
         if isinstance(front.engine, EnginePool):
             await front.engine.disconnect()
@@ -201,12 +208,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
     @app.on_response
     async def record(request: Request, response: HTTPResponse) -> None:
         release_upload(request)
-        access.decorate(response, _request_id(request), getattr(request.ctx, "cors_origin", None))
+        request_id = _request_id(request)
+        access.decorate(response, request_id, getattr(request.ctx, "cors_origin", None))
         endpoint = _endpoint(request)
         metrics.REQUESTS.labels(endpoint, request.method, str(response.status)).inc()
         started = getattr(request.ctx, "started", None)
-        if started is not None:
-            metrics.LATENCY.labels(endpoint, request.method).observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started if started is not None else None
+        if seconds is not None:
+            metrics.LATENCY.labels(endpoint, request.method).observe(seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            message, fields = access.access_line(request, response, request_id, seconds)
+            access_log.info(message, extra={"fields": fields})
 
 
     return app
@@ -244,11 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, service)
     serve_grpc(app, settings)
     _stop_if_asked_early(app, early_stop)
+
+    @app.after_server_start
+    async def say_where(app: Sanic) -> None:
+        host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+        log.info(
+            "serving on http://%s:%d (one process; model %s)%s", host, settings.port, service.stats()["model"]["name"],
+            f"; Audio2Face-3D gRPC on port {settings.grpc_port}" if settings.grpc_port else "",
+        )  # fmt: skip
     app.run(
         host=settings.host,
         port=settings.port,
         single_process=True,
-        access_log=settings.log_level.lower() in ("debug", "trace"),
+        access_log=False,  # ours (a2e.access) carries the fields
         motd=False,
         protocol=GuardedHttpProtocol,
     )
@@ -308,7 +328,7 @@ def _serve_with_engines(settings: Settings, early_stop: list[int]) -> int:
         host=settings.host,
         port=settings.port,
         workers=settings.worker_count,
-        access_log=settings.log_level.lower() in ("debug", "trace"),
+        access_log=False,  # ours (a2e.access) carries the fields
         motd=False,
         protocol=GuardedHttpProtocol,
     )

@@ -10,6 +10,7 @@ from a foreign ``Origin`` is refused (403) unless the operator listed it.
 from __future__ import annotations
 
 import hmac
+import json
 from urllib.parse import urlsplit
 
 from sanic.request import Request
@@ -18,7 +19,7 @@ from sanic.response import HTTPResponse
 from .forms import RequestError
 
 # Reachable without the API key: monitoring must work without secrets.
-OPEN_PATHS = frozenset({"/api/health", "/metrics"})
+OPEN_PATHS = frozenset({"/api/health", "/metrics", "/openapi.json", "/docs"})
 # The demo page's own files hold no data: the calls the page makes carry the key.
 OPEN_PREFIX = "/demo"
 ALLOWED_HEADERS = "Content-Type, Authorization, X-API-Key, X-Request-ID"
@@ -83,3 +84,29 @@ def decorate(response: HTTPResponse, request_id: str, origin: str | None) -> Non
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After"
         response.headers["Vary"] = "Origin"
+
+
+def access_line(request: Request, response: HTTPResponse, request_id: str, seconds: float | None) -> tuple[str, dict]:
+    """One access log line: a readable message and its fields (server/logs.py
+    writes them as JSON keys). Errors carry their reason."""
+    size = len(response.body) if response.body is not None else 0
+    fields: dict = {
+        "method": request.method,
+        "path": request.path,
+        "status": response.status,
+        "duration_ms": round(seconds * 1000, 2) if seconds is not None else None,
+        "bytes_in": len(request.body or b""),
+        "bytes_out": size,
+        "request_id": request_id,
+        "client": request.ip,
+    }
+    session = getattr(request.ctx, "session_id", None)
+    if session:
+        fields["session_id"] = session
+    if response.status >= 400 and response.body and size < 4096:
+        try:
+            fields["error"] = json.loads(response.body).get("detail")
+        except (ValueError, AttributeError):
+            pass
+    took = f" {fields['duration_ms']:.1f} ms" if seconds is not None else ""
+    return f"{request.method} {request.path} {response.status}{took} {size} B", fields

@@ -8,6 +8,7 @@ import numpy as np
 import ujson
 from sanic.response import HTTPResponse
 
+from a2e import exports
 from a2e.constants import ARKIT_NAMES, FPS, NUM_BLENDSHAPES
 
 NAMES = list(ARKIT_NAMES)
@@ -46,3 +47,19 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 def error(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPResponse:
     return json_response({"detail": detail}, status=status, headers=headers)
+
+
+def export(frames: np.ndarray, fmt: str, **metadata: Any) -> HTTPResponse:
+    """``frames`` in one of ``a2e.exports.FORMATS`` other than the document's JSON, as a download."""
+    if fmt == "json_named":
+        body = exports.json_named(frames, **metadata)
+    elif fmt == "csv":
+        body = exports.live_link_csv(frames)
+    elif fmt == "gltf":
+        body = exports.gltf_binary(frames)
+    elif fmt == "ndjson":
+        body = exports.ndjson(frames, **metadata)
+    else:
+        raise ValueError(f"unknown export format {fmt!r}")
+    disposition = f'attachment; filename="animation.{exports.EXTENSIONS[fmt]}"'
+    return HTTPResponse(body, content_type=exports.FORMATS[fmt], headers={"Content-Disposition": disposition})

@@ -15,7 +15,7 @@ from sanic import Blueprint
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
-from a2e import raw_pcm, tuning
+from a2e import exports, raw_pcm, tuning
 from a2e.loudness import LoudnessMode
 
 from . import forms, metrics, responses
@@ -96,6 +96,8 @@ async def root(request: Request) -> HTTPResponse:
                 "health": "/api/health",
                 "metrics": "/metrics",
                 "demo": "/demo",
+                "openapi": "/openapi.json",
+                "docs": "/docs",
             },
         }
     )
@@ -162,6 +164,7 @@ async def infer(request: Request) -> HTTPResponse:
     brow = forms.parse_bool(forms.form_field(request, "brow_movement"), "brow_movement", False)
     seed = forms.parse_int(forms.form_field(request, "seed"), "seed", None, 0, 2**63 - 1)
     loudness = _loudness(forms.form_field(request, "loudness"), front)
+    fmt = forms.parse_str(forms.form_field(request, "format"), "format", "json", tuple(exports.FORMATS))
     data = forms.file_field(request, "audio_file")
     raw = _raw_format(request, "audio_file")
     # Holding a slot from decoding to the encoded answer bounds memory (see Front.clip_slot).
@@ -180,15 +183,16 @@ async def infer(request: Request) -> HTTPResponse:
                 loudness=loudness,
             )
         )
-        body = responses.animation(
-            frames,
-            inference_time=time.perf_counter() - started,
-            audio_length=audio.shape[-1] / sample_rate,
-            id_idx=identity,
-            ex_vol=ex_vol,
-            loudness=loudness.value,
-        )
-        return await _encode(front, body, len(frames))
+        metadata = {
+            "inference_time": time.perf_counter() - started,
+            "audio_length": audio.shape[-1] / sample_rate,
+            "id_idx": identity,
+            "ex_vol": ex_vol,
+            "loudness": loudness.value,
+        }
+        if fmt != "json":
+            return await front.run_io(lambda: responses.export(frames, fmt, **metadata))
+        return await _encode(front, responses.animation(frames, **metadata), len(frames))
 
 
 @bp.post("/api/infer_stream_init")
@@ -201,6 +205,7 @@ async def stream_init(request: Request) -> HTTPResponse:
     opened = await front.until_done(
         front.engine.open_session(identity, seed, mode, loudness, client_address(request), spec)
     )
+    request.ctx.session_id = opened.session_id
     answer = {
         "session_id": opened.session_id,
         "message": "Streaming session initialized",
@@ -222,6 +227,7 @@ async def stream_chunk(request: Request) -> HTTPResponse:
     session_id = forms.form_field(request, "session_id")
     if not session_id:
         raise forms.RequestError(422, "missing form field 'session_id'")
+    request.ctx.session_id = session_id
     data = forms.file_field(request, "audio_chunk")
     raw = _raw_format(request, "audio_chunk")
     front.check_accepting()
@@ -244,6 +250,7 @@ async def stream_chunk(request: Request) -> HTTPResponse:
 
 @bp.delete("/api/infer_stream_close/<session_id:str>")
 async def stream_close(request: Request, session_id: str) -> HTTPResponse:
+    request.ctx.session_id = session_id
     closed = await _front(request).engine.close_session(session_id)
     if closed is None:
         raise forms.RequestError(404, f"Session not found: {session_id}")

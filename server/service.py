@@ -110,6 +110,7 @@ class InferenceService:
         self.batcher: MicroBatcher | None = None
         self.model_info: ModelInfo | None = None
         self.not_ready_reason = "model not loaded yet"
+        self.load_attempted = False  # load() ran (loaded, or found no weights and said so once)
         # Whole clips block a thread while their windows run; a pool of their
         # own keeps them from starving the decoding of streaming chunks.
         self.clip_pool = ThreadPoolExecutor(2, thread_name_prefix="a2e-clip")
@@ -129,6 +130,7 @@ class InferenceService:
         """Load the weights named by the settings. Missing weights leave the
         service not ready (the server still starts); a file that is there but
         does not fit raises CheckpointError."""
+        self.load_attempted = True
         s = self.settings
         if s.model == "stub":
             self._start(StubRunner(), ModelInfo("stub", "", "cpu", "fp32", StubRunner.num_identities, 0, "stub"))

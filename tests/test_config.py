@@ -99,3 +99,13 @@ def test_bad_environment_value():
     with pytest.raises(ConfigError, match="cuda_graphs"):
         load_settings([], environ={"A2E_CUDA_GRAPHS": "perhaps"})
     assert Settings().validate().max_upload_bytes == 50 * 1024 * 1024
+
+
+def test_readme_documents_every_flag():
+    from pathlib import Path
+
+    from server.settings import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    flags = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]
+    assert [f for f in flags if f"`{f}`" not in readme] == []
