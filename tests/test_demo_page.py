@@ -69,6 +69,18 @@ def test_a_shipped_clip_animates_and_the_mouth_follows_jaw_open(page):
     assert box[jaw.argmax()] > box[jaw.argmin()] + 10  # visibly open against visibly closed
     browser.evaluate("window.demo.seek(%f)" % (jaw.argmax() / 10))
     browser.screenshot(SHOTS / "whole_file.png")
+    # Every export format of the server's, for the animation on the page (its seed is kept).
+    csv_text = browser.evaluate("window.demo.exportBlob('csv').then((b) => b.text())")
+    lines = csv_text.splitlines()
+    assert lines[0].startswith("Timecode,BlendShapeCount,EyeBlinkLeft") and len(lines) == 241
+    jaw_column = lines[0].split(",").index("JawOpen")
+    page_jaw = browser.evaluate("window.demo.state.frames.map((f) => f[window.demo.state.index.jawOpen])")
+    assert np.allclose([float(line.split(",")[jaw_column]) for line in lines[1:]], page_jaw, atol=1e-6)
+    sizes = browser.evaluate(
+        "Promise.all(['json', 'json_named', 'gltf', 'ndjson'].map((f) => window.demo.exportBlob(f).then((b) => [f, b.size, b.type])))"
+    )
+    assert all(size > 10_000 for _, size, _ in sizes)
+    assert dict((f, t) for f, _, t in sizes)["gltf"] == "model/gltf-binary"
     # Playing: the drawn frame follows the audio clock.
     browser.evaluate("document.getElementById('audio').currentTime = 0; document.getElementById('audio').play()")
     browser.wait_for("document.getElementById('audio').currentTime > 0.5 && window.demo.state.current > 10", timeout=15)

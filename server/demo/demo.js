@@ -134,16 +134,29 @@ async function toggleRecord() {
 }
 
 // -- whole file ------------------------------------------------------------------------
-async function animateFile() {
-  await stopLive();
-  const [blob, name] = await chosenAudio();
-  const o = options();
+// The whole-file request last made, with the seed it used (drawn here when
+// none was given), so that an export in another format is the same animation.
+let lastRequest = null;
+
+function inferForm(request, format) {
+  const { blob, name, o } = request;
   const form = new FormData();
   form.append("audio_file", blob, name);
   form.append("id_idx", String(o.id_idx));
   form.append("movement_smooth", String(o.movement_smooth));
   form.append("brow_movement", String(o.brow_movement));
-  if (o.seed !== null) form.append("seed", String(o.seed));
+  form.append("seed", String(o.seed));
+  form.append("format", format);
+  return form;
+}
+
+async function animateFile() {
+  await stopLive();
+  const [blob, name] = await chosenAudio();
+  const o = options();
+  if (o.seed === null) o.seed = Math.floor(Math.random() * 2 ** 31);
+  lastRequest = { blob, name, o };
+  const form = inferForm(lastRequest, "json");
   setStatus(`animating ${name}...`);
   const t0 = performance.now();
   const response = await fetch("/api/infer", { method: "POST", body: form, headers: headers() });
@@ -283,18 +296,32 @@ async function stopLive() {
   l.ctx.close();
   state.mode = "idle";
   state.result = {
-    names: state.names, fps: FPS,
+    type: "stream", names: state.names, fps: FPS,
     frames: state.frames.map((w, k) => ({ weights: w, time: k / FPS })).filter((f) => f.weights),
   };
 }
 
 // -- download -------------------------------------------------------------------------------
-function download() {
-  if (!state.result) { setStatus("nothing to download yet", true); return; }
-  const blob = new Blob([JSON.stringify(state.result)], { type: "application/json" });
+const EXTENSIONS = { json: "json", json_named: "json", csv: "csv", gltf: "glb", ndjson: "ndjson" };
+
+// The last result in an export format of the server's (/api/infer `format`);
+// a live stream's frames are available as JSON only.
+async function exportBlob(format) {
+  if (!state.result) throw new Error("nothing to download yet");
+  if (format === "json" || state.mode === "live" || !lastRequest || state.result.type === "stream") {
+    return new Blob([JSON.stringify(state.result)], { type: "application/json" });
+  }
+  const response = await fetch("/api/infer", { method: "POST", body: inferForm(lastRequest, format), headers: headers() });
+  if (!response.ok) throw new Error(`export ${format}: ${response.status} ${(await response.json()).detail}`);
+  return await response.blob();
+}
+
+async function download() {
+  const format = $("export-format").value;
+  const blob = await exportBlob(format);
   const a = document.createElement("a");
   a.href = URL.createObjectURL(blob);
-  a.download = "animation.json";
+  a.download = `animation.${EXTENSIONS[format]}`;
   a.click();
 }
 
@@ -309,12 +336,14 @@ $("live-mic").onclick = guard(() => startLive("mic"));
 $("live-file").onclick = guard(() => startLive("file"));
 $("stop").onclick = guard(async () => { await stopLive(); $("audio").pause(); });
 $("record").onclick = guard(toggleRecord);
-$("download").onclick = download;
+$("download").onclick = guard(download);
 $("file").onchange = () => { $("source").value = "file"; };
 $("audio").onseeked = () => { if (state.mode === "file") seek($("audio").currentTime); };
 window.addEventListener("resize", () => redrawCharts(state.current >= 0 ? state.current / FPS : null));
 
-window.demo = { state, seek, animateFile: guard(animateFile), startLive: guard(startLive), stopLive: guard(stopLive) };
+window.demo = {
+  state, seek, exportBlob, animateFile: guard(animateFile), startLive: guard(startLive), stopLive: guard(stopLive),
+};
 state.drawn = draw([], {}); // a neutral face until there are frames
 loadHealth();
 requestAnimationFrame(tick);
