@@ -18,7 +18,7 @@ const state = {
   current: -1, // the frame drawn last
   drawn: null, // its geometry (faceGeometry)
   latencies: [], // live: ms from a frame's audio to its arrival
-  result: null, // what "Download JSON" saves
+  result: null, // the last animation (what Download saves)
   error: null,
   model: null,
 };
