@@ -95,6 +95,11 @@ class MicroBatcher:
         self._queue: deque[_WindowJob | _ClipJob] = deque()
         self._queued_rows = 0
         self._cond = threading.Condition()
+        # Queued rows at which a submit wakes the batcher thread: 1 while it
+        # waits for work, a full batch while it waits for one to fill (one
+        # wake-up per batch, not one per submitted chunk, each of which costs
+        # a thread switch and the GIL).
+        self._wake_rows = 1
         self._thread: threading.Thread | None = None
         self._running = False
         self._busy_s = 0.0  # recent mean batch time, for Retry-After
@@ -153,7 +158,8 @@ class MicroBatcher:
             self._queue.append(job)
             self._queued_rows += job.rows
             metrics.child(metrics.QUEUE_DEPTH).set(self._queued_rows)
-            self._cond.notify()
+            if self._queued_rows >= self._wake_rows or isinstance(job, _ClipJob):
+                self._cond.notify()
         return job.future
 
     def submit_windows(self, windows: np.ndarray, identities: np.ndarray, tag: object = None) -> Future:
@@ -206,7 +212,11 @@ class MicroBatcher:
                 remaining = deadline - time.perf_counter()
                 if self._queue or remaining <= 0 or not self._running:
                     break
-                self._cond.wait(remaining)
+                self._wake_rows = self.max_batch  # the count includes the rows taken so far
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._wake_rows = 1
             self._queued_rows -= rows
             metrics.child(metrics.QUEUE_DEPTH).set(self._queued_rows)
             return batch
