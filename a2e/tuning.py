@@ -86,6 +86,7 @@ NOT_HONOURED = (
 )  # fmt: skip
 _HONOURED_LOWER = {name.lower(): name for name in HONOURED}
 _FLOAT32_SLACK = 1e-6
+MAX_REPORTED = 20  # ignored parameters listed back at most
 # Multipliers and offsets beyond this are mistakes, and would overflow float32 weights.
 MAX_FACTOR = 100.0
 
@@ -165,7 +166,7 @@ def parse(spec: Mapping[str, Any] | None) -> Parsed:
     for name, raw in _mapping(spec, "face_params").items():
         canonical = _HONOURED_LOWER.get(str(name).lower())
         if canonical is None:
-            ignored.append(f"face_params.{name}" + ("" if name in NOT_HONOURED else " (unknown)"))
+            ignored.append(f"face_params.{str(name)[:64]}" + ("" if name in NOT_HONOURED else " (unknown)"))
             continue
         value = _number(raw, f"tuning.face_params.{name}")
         lo, hi, _ = HONOURED[canonical]
@@ -191,6 +192,8 @@ def parse(spec: Mapping[str, Any] | None) -> Parsed:
     smoothing[_UPPER] = smoothing_coefficient(face["upperFaceSmoothing"])
     smoothing[_LOWER] = smoothing_coefficient(face["lowerFaceSmoothing"])
 
+    if len(ignored) > MAX_REPORTED:  # told back to the client and logged: bounded
+        ignored[MAX_REPORTED:] = [f"... and {len(ignored) - MAX_REPORTED} more"]
     scale = face_scale * multipliers
     shift = face_shift * multipliers + offsets
     neutral = (scale == 1.0).all() and (shift == 0.0).all() and (smoothing == 1.0).all() and not clamp

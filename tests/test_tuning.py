@@ -126,3 +126,10 @@ def test_what_cannot_be_honoured_is_reported_not_refused():
 def test_mistakes_are_refused_with_the_reason(spec, words):
     with pytest.raises(tuning.TuningError, match=words):
         tuning.parse(spec)
+
+
+def test_what_is_ignored_is_reported_within_bounds():
+    parsed = tuning.parse({"face_params": {f"knob{'x' * 500}{i}": 1.0 for i in range(1000)}})
+    assert parsed.tuning is None and len(parsed.ignored) == tuning.MAX_REPORTED + 1
+    assert parsed.ignored[-1] == f"... and {1000 - tuning.MAX_REPORTED} more"
+    assert max(len(i) for i in parsed.ignored) < 100

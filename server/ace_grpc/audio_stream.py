@@ -190,7 +190,7 @@ class AudioStreamCall:
         spec = self._tuning(header)
         ints = dict(header.face_params.integer_params)
         identity, seed, mode, loudness = session_options(self.front, {"id_idx": ints.pop("id_idx", None), "seed": ints.pop("seed", None)})
-        self.ignored += [f"face_params.integer_params.{name}" for name in ints]
+        self.ignored += [f"face_params.integer_params.{name[:64]}" for name in ints]
         opened = await self.front.until_done(
             self.front.engine.open_session(identity, seed, mode, loudness, peer_host(self.context.peer()), spec)
         )
@@ -206,8 +206,14 @@ class AudioStreamCall:
         await self.context.write(answer)
         log.info(
             "Audio2Face-3D stream %s from %s: %d Hz, id_idx %d%s", opened.session_id, self.context.peer(),
-            fmt.sample_rate, identity, f"; ignored: {', '.join(self.ignored)}" if self.ignored else "",
+            fmt.sample_rate, identity, f"; ignored: {self._ignored_text()}" if self.ignored else "",
         )  # fmt: skip
+
+    def _ignored_text(self) -> str:
+        """What was ignored, bounded (a client can send thousands of names)."""
+        shown = self.ignored[: tuning_spec.MAX_REPORTED]
+        more = len(self.ignored) - len(shown)
+        return ", ".join(shown) + (f", ... and {more} more" if more > 0 else "")
 
     def _audio_format(self, header) -> raw_pcm.RawFormat:
         if not header.HasField("audio_header"):
@@ -239,7 +245,7 @@ class AudioStreamCall:
         )
         parsed = tuning_spec.parse(spec)  # TuningError: INVALID_ARGUMENT
         self.ignored += list(parsed.ignored)
-        self.ignored += [f"face_params.float_array_params.{k}" for k in header.face_params.float_array_params]
+        self.ignored += [f"face_params.float_array_params.{k[:64]}" for k in header.face_params.float_array_params]
         self.ignored += [name for name in _EMOTION_FIELDS if header.HasField(name)]
         return spec if parsed.tuning is not None else None
 
@@ -280,7 +286,7 @@ class AudioStreamCall:
         )
         text = f"success: {self.live.frames_sent} frames for {self.live.received_seconds():.3f} s of audio"
         if self.ignored:
-            text += "; ignored (no counterpart in this model): " + ", ".join(self.ignored)
+            text += "; ignored (no counterpart in this model): " + self._ignored_text()
         await self.context.write(
             m.A2F3DAnimationDataStream(status=protocol.status.Status(code=protocol.status.Status.SUCCESS, message=text))
         )
