@@ -97,7 +97,6 @@ class Tuning:
     shift: np.ndarray  # [52] float32: then added
     smoothing: np.ndarray  # [52] float64: per-frame low-pass coefficient (1: none)
     clamp: bool
-    ignored: tuple[str, ...]  # what the spec asked for that we cannot do
 
     @property
     def smooths(self) -> bool:
@@ -199,7 +198,7 @@ def parse(spec: Mapping[str, Any] | None) -> Parsed:
     neutral = (scale == 1.0).all() and (shift == 0.0).all() and (smoothing == 1.0).all() and not clamp
     if neutral:
         return Parsed(None, tuple(ignored))
-    tuning = Tuning(scale.astype(np.float32), shift.astype(np.float32), smoothing, clamp, tuple(ignored))
+    tuning = Tuning(scale.astype(np.float32), shift.astype(np.float32), smoothing, clamp)
     return Parsed(tuning, tuple(ignored))
 
 

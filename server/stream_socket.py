@@ -65,11 +65,14 @@ class StreamConnection:
         self.settings = self.front.settings
         self.ws = ws
         self.client = client_address(request)
-        self.session_id: str | None = None
         self.live: LiveStream | None = None
         self.ending = False
         self.last_message_at = time.monotonic()
         self.failure: Exception | None = None
+
+    @property
+    def session_id(self) -> str | None:
+        return None if self.live is None else self.live.session_id
 
     async def run(self) -> None:
         watchdog = None
@@ -161,7 +164,6 @@ class StreamConnection:
         opened = await self.front.until_done(
             self.front.engine.open_session(identity, seed, mode, loudness, self.client, tuning)
         )
-        self.session_id = opened.session_id
         self.live = LiveStream(self.front, opened.session_id, fmt, float(hop), "websocket", self._frames, self._tell)
         started = {
             "type": "started",

@@ -67,8 +67,6 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return exc.code, exc.detail
     if isinstance(exc, (QueueFull, SessionLimitReached)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}"
-    if isinstance(exc, tuning_spec.TuningError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, StreamError):
         return _GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.detail
     known = status_of(exc)
@@ -92,7 +90,6 @@ class AudioStreamCall:
         self.front = front
         self.settings = front.settings
         self.context = context
-        self.session_id: str | None = None
         self.live: LiveStream | None = None
         self.ignored: list[str] = []
         # Raw input bytes not yet echoed, and the input sample where they start.
@@ -101,6 +98,10 @@ class AudioStreamCall:
         self.last_message_at = time.monotonic()
         self.failure: BaseException | None = None
         self.task: asyncio.Task | None = None
+
+    @property
+    def session_id(self) -> str | None:
+        return None if self.live is None else self.live.session_id
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
@@ -194,7 +195,6 @@ class AudioStreamCall:
         opened = await self.front.until_done(
             self.front.engine.open_session(identity, seed, mode, loudness, peer_host(self.context.peer()), spec)
         )
-        self.session_id = opened.session_id
         self.live = LiveStream(self.front, opened.session_id, fmt, self.settings.stream_hop_s, "grpc", self._frames, self._fail)
         answer = protocol.messages.A2F3DAnimationDataStream(
             animation_data_stream_header=protocol.messages.A2F3DAnimationDataStreamHeader(
