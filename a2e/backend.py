@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .constants import WINDOW_FRAMES, WINDOW_SAMPLES
 from .model import Audio2Expression
+from .precision import keep_float32_where_inexact
 
 
 class Backend(Protocol):
@@ -38,6 +39,7 @@ class TorchBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device, dtype=dtype).eval()
+        self.float32_layers = keep_float32_where_inexact(self.model, dtype)
         self.num_identities = model.dims.num_identity_classes
         self._forward = self.model  # the batch path; a runner may compile it
 
