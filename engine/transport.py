@@ -115,34 +115,45 @@ class Channel:
         self.out = out  # ours: we write, the peer reads
         self.into = into  # the peer's: it writes, we read
         self.read_upto = 0
+        # Messages of one event-loop turn (an engine answers a whole batch in
+        # one) go to the socket together, in one write: a system call per
+        # message cost more than everything else in answering it.
+        self._pending: list[bytes] = []
 
     def send_nowait(self, header: dict[str, Any], arrays: tuple[np.ndarray, ...] | list[np.ndarray] = ()) -> None:
-        """Write one message now (the transport buffers what the socket cannot
-        take yet). Arrays are placed and the message written in one step with
-        no await between, so the peer reads messages in ring order, and its
-        acks free the ring in that order."""
+        """Queue one message, written at the end of this event-loop turn.
+        Arrays are placed and the message queued in one step with no await
+        between, so the peer reads messages in ring order, and its acks free
+        the ring in that order."""
+        if self.writer.is_closing():
+            raise TransportError("connection closed")
         descs, inline = [], []
         for array in arrays:
             array = np.ascontiguousarray(array)
             desc = self.out.put(array)
             if desc is None:
                 desc = ["inline", array.dtype.str, list(array.shape), array.nbytes]
-                inline.append(memoryview(array).cast("B"))
+                inline.append(array.tobytes())  # a copy, as the caller may reuse the array before the write
             descs.append(desc)
         header["ack"] = self.read_upto
         if descs:
             header["arrays"] = descs
         head = ujson.dumps(header).encode()
-        size = sum(len(b) for b in inline)
-        if self.writer.is_closing():
-            raise TransportError("connection closed")
-        self.writer.write(_PREFIX.pack(len(head), size) + head)
-        for b in inline:
-            self.writer.write(b)
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(_PREFIX.pack(len(head), sum(len(b) for b in inline)) + head)
+        self._pending.extend(inline)
+
+    def _flush(self) -> None:
+        data, self._pending = self._pending, []
+        if data and not self.writer.is_closing():  # (closed meanwhile: whoever waits learns it from the reader)
+            self.writer.write(b"".join(data))
 
     async def send(self, header: dict[str, Any], arrays: tuple[np.ndarray, ...] | list[np.ndarray] = ()) -> None:
-        """``send_nowait``, then wait while the socket's buffer is full."""
+        """Write one message (and what is queued before it) now, then wait
+        while the socket's buffer is full."""
         self.send_nowait(header, arrays)
+        self._flush()
         await self.writer.drain()
 
     async def recv(self) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -169,6 +180,7 @@ class Channel:
         return header, arrays
 
     def close(self) -> None:
+        self._flush()
         self.writer.close()
         self.out.close()
         self.into.close()
