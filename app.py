@@ -37,6 +37,7 @@ from server.connections import (
     release_upload,
 )
 from server.forms import RequestError
+from server.heap import freeze_startup_objects
 from server.logs import configure_logging
 from server.routes import bp
 from server.stream_socket import bp as stream_bp
@@ -168,6 +169,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
             await loop.run_in_executor(None, svc.preload_separator)
         # Our own task, not app.add_task: Sanic warns about its tasks when it cancels them at shutdown.
         app.ctx.expiry = asyncio.ensure_future(_expire_sessions(svc))
+
+    @app.after_server_start
+    async def settle(app: Sanic) -> None:
+        freeze_startup_objects()  # (an HTTP worker too: sanic, grpc and numpy are many objects)
 
     @app.before_server_stop
     async def drain(app: Sanic) -> None:

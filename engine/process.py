@@ -31,6 +31,7 @@ import numpy as np
 from a2e.errors import A2EError
 from a2e.loudness import LoudnessMode
 from batching import metrics as batch_metrics
+from server.heap import freeze_startup_objects
 from server.logs import configure_logging
 from server.engine_api import ChunkResult
 from server.service import InferenceService, SessionNotFound, StreamChunk
@@ -241,6 +242,7 @@ def main(index: int, generation: int, settings: Settings, path: str, ready: Conn
         ready.close()
         raise SystemExit(2) from None
     log.info("engine %d (generation %d) serving on %s at %s", index, generation, device, path)
+    freeze_startup_objects()
     try:
         asyncio.run(serve(EngineServer(index, generation, service), path, ready))
     finally:
