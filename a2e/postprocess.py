@@ -43,6 +43,11 @@ BROW_VOLUME = 0.08
 BROW_MIN_RUN = 6
 BROW_HOLD_RUN = 10
 BROW_STRENGTH = (0.7, 1.3)
+# Stored frames a chunk's new frames can depend on: smoothing reads two back,
+# the chunk-start blend one, and a blend out of a silent run ending there
+# reads forward up to three frames.
+_FRAMES_BACK = SAVGOL_WINDOW // 2 + SILENCE_EDGE_BLEND
+_EYES = [EYE_BLINK_LEFT, EYE_BLINK_RIGHT]
 
 
 def find_silent_runs(
@@ -80,40 +85,67 @@ def damp_silent_mouth(
     """
     out = np.array(frames, copy=True)
     rows = out.reshape(-1, *out.shape[-2:])
-    n = rows.shape[1]
-    silent = np.asarray(volume).reshape(len(rows), -1) < threshold
+    runs = silent_runs(volume, rows.shape[1], processed_frames, threshold, min_length, edge_blend)
+    _damp_runs(rows, runs, mouth=True)
+    return out
+
+
+def silent_runs(
+    volume: np.ndarray,
+    frames: int,
+    processed_frames: int = 0,
+    threshold: float = SILENCE_THRESHOLD,
+    min_length: int = MIN_SILENCE_FRAMES,
+    edge_blend: int = SILENCE_EDGE_BLEND,
+) -> tuple[np.ndarray, ...]:
+    """The runs ``damp_silent_mouth`` damps in a ``[rows, V]`` volume whose
+    first ``frames`` frames exist: each run's row, start, stop (one past its
+    end), and the lengths of its blends into and out of it (0: none)."""
+    silent = np.asarray(volume).reshape(-1, np.shape(volume)[-1]) < threshold
     edges = np.diff(silent.astype(np.int8), prepend=np.int8(0), append=np.int8(0), axis=1)
     row, starts = np.nonzero(edges == 1)
     stops = np.nonzero(edges == -1)[1]  # one past each run, in the same order
     first = np.ones(len(row), dtype=bool)
     first[1:] = row[1:] != row[:-1]
-    keep = (stops - starts - first >= min_length) & (starts < n)  # the reference's quirk: a row's first run counts one short
-    row, starts, stops = row[keep], starts[keep], np.minimum(stops[keep], n)
-    if row.size == 0:
-        return out
-    delta = np.zeros((len(rows), n + 1), dtype=np.int32)
-    delta[row, starts] += 1
-    delta[row, stops] -= 1
-    inside = np.cumsum(delta[:, :n], axis=1) > 0
-    mouth = rows[:, :, MOUTH_GROUP]
-    mouth[inside] *= SILENCE_MOUTH_FACTOR
-    rows[:, :, MOUTH_GROUP] = mouth
-    # Blend into each run from the frame before it, and out of it towards the frame after it.
+    keep = (stops - starts - first >= min_length) & (starts < frames)  # the reference's quirk: a row's first run counts one short
+    row, starts, stops = row[keep], starts[keep], np.minimum(stops[keep], frames)
     into = np.minimum(np.minimum(edge_blend, starts - processed_frames), stops - starts)
-    out_of = np.minimum(edge_blend, n - stops)
+    out_of = np.minimum(edge_blend, frames - stops)
+    return row, starts, stops, into, out_of
+
+
+def _damp_runs(rows: np.ndarray, runs: tuple[np.ndarray, ...], mouth: bool, offset: int = 0) -> None:
+    """Apply ``silent_runs`` to ``rows [B, T, C]`` in place: scale the mouth
+    (when ``rows`` has every channel), then blend into and out of each run.
+    ``rows`` may hold only the frames from ``offset`` on; a blend that would
+    reach before them is left out."""
+    row, starts, stops, into, out_of = runs
+    if row.size == 0:
+        return
+    n = offset + rows.shape[1]
+    if mouth:
+        delta = np.zeros((len(rows), n + 1), dtype=np.int32)
+        delta[row, starts] += 1
+        delta[row, stops] -= 1
+        inside = np.cumsum(delta[:, :n], axis=1)[:, offset:] > 0
+        scaled = rows[:, :, MOUTH_GROUP]
+        scaled[inside] *= SILENCE_MOUTH_FACTOR
+        rows[:, :, MOUTH_GROUP] = scaled
+    # Blend into each run from the frame before it (these start after the
+    # frames already sent, so after ``offset``), and out of it towards the
+    # frame after it.
     for k in np.unique(into[into > 0]).tolist():
         keep_w, take_w = _blend_weights(k)
         sel = into == k
-        r, s = row[sel], starts[sel]
+        r, s = row[sel], starts[sel] - offset
         at = s[:, None] + np.arange(k)
         rows[r[:, None], at] = rows[r, s - 1][:, None, :] * keep_w + rows[r[:, None], at] * take_w
     for k in np.unique(out_of[out_of > 0]).tolist():
         keep_w, take_w = _blend_weights(k)
-        sel = out_of == k
-        r, e = row[sel], stops[sel] - 1
+        sel = (out_of == k) & (stops - k >= offset)
+        r, e = row[sel], stops[sel] - 1 - offset
         at = e[:, None] - np.arange(k)  # end, end-1, ...: the weights grow away from the edge
         rows[r[:, None], at] = rows[r, e + 1][:, None, :] * keep_w + rows[r[:, None], at] * take_w
-    return out
 
 
 @lru_cache(maxsize=8)
@@ -337,15 +369,25 @@ def postprocess_chunks(
     batch size this way."""
     if previous is None or previous.shape[1] == 0:
         frames, volume, p = np.array(new, copy=True), new_volume, 0
+        eyes = np.zeros((len(new), 0, 2), dtype=new.dtype)
     else:
-        frames = np.concatenate([previous, new], axis=1)
-        volume = np.concatenate([previous_volume, new_volume], axis=1)
         p = previous.shape[1]
-    out = blend_chunk_start(damp_silent_mouth(frames, volume, p), p)
-    # Only the new frames are smoothed and returned; of the previous ones,
-    # blinks need just the (smoothed, symmetric) blink channels.
-    new_out = symmetrize(savgol_smooth(out, start=p))
-    eyes = savgol_smooth(out[..., :p + SAVGOL_WINDOW // 2, [EYE_BLINK_LEFT, EYE_BLINK_RIGHT]])[:, :p]
+        frames = np.concatenate([previous[:, p - min(p, _FRAMES_BACK) :], new], axis=1)
+        volume = np.concatenate([previous_volume, new_volume], axis=1)
+        eyes = np.concatenate([previous[..., _EYES], new[..., _EYES]], axis=1)
+    # Only the last _FRAMES_BACK stored frames can reach the new ones (the
+    # blends read one frame back, smoothing two), so only they go through
+    # the whole pipeline; silent runs are still found in the whole volume.
+    # Blinks read the stored frames' eyes, which only the runs' blends change.
+    back = frames.shape[1] - new.shape[1]
+    runs = silent_runs(volume, p + new.shape[1], p)
+    _damp_runs(frames, runs, mouth=True, offset=p - back)
+    out = blend_chunk_start(frames, back)
+    new_out = symmetrize(savgol_smooth(out, start=back))
+    half = SAVGOL_WINDOW // 2
+    if p:
+        _damp_runs(eyes, runs, mouth=False)
+    eyes = savgol_smooth(np.concatenate([eyes[:, :p], out[:, back : back + half, _EYES]], axis=1))[:, :p]
     seen = (eyes[..., 0] + eyes[..., 1]) / 2 > BLINK_DETECT
     _stream_blinks_into(new_out, seen, rngs)
     return new_out

@@ -67,6 +67,26 @@ def test_postprocess_chunk_matches_the_pipeline_as_written(p, n):
         assert np.array_equal(got, want)
 
 
+def test_silent_runs_at_the_chunk_boundary_damp_and_blend_as_in_the_whole_pipeline():
+    # postprocess_chunks reads only the last few stored frames; a silent run
+    # that ends anywhere around the boundary (its blend out reads forward) or
+    # starts there, first in its row or not, must still give what the whole
+    # pipeline gives.
+    p, n = 64, 30
+    for end in range(p - 10, p + 6):
+        for length in (7, 8, 12, 40):
+            for earlier_run in (False, True):
+                prev, pvol, new, vol = random_case(end * 7 + length, p, n)
+                volume = np.full(p + n, 0.05, dtype=np.float32)
+                volume[max(end - length, 0) : end] = 0.0
+                if earlier_run:
+                    volume[2:12] = 0.0  # another run first in the row: the quirk counts that one short instead
+                pvol, vol = volume[:p], volume[p:]
+                got = pp.postprocess_chunk(prev, pvol, new, vol, np.random.default_rng(end))
+                want = one_chunk_as_written(prev, pvol, new, vol, np.random.default_rng(end))
+                assert np.array_equal(got, want), (end, length, earlier_run)
+
+
 @pytest.mark.parametrize("p,n", [(0, 30), (64, 30), (64, 7), (40, 45)])
 def test_postprocess_chunks_rows_equal_their_sessions_alone(p, n):
     cases = [random_case(100 + b, p, n) for b in range(9)]
