@@ -2,14 +2,16 @@
 
 A chunk goes through two steps so that a batcher can sit between them:
 
-1. ``plan_chunk`` (in arrival order): split into sub-chunks of at most 2 s,
-   build each model window of exactly 34133 samples from the session's audio
-   context and compute the chunk's volume. Only earlier *audio* is needed, so
-   the windows of consecutive chunks can run in the same batch.
-2. ``finish_chunk`` (in arrival order): take the new frames from the model
-   output and post-process them with the stored previous frames.
-   ``finish_chunks`` does this for a whole batch's sessions at once, with
-   the post-processing vectorised over them and the same results.
+1. ``plan_chunk`` (in arrival order): split into sub-chunks of at most 2 s
+   and describe each model window of exactly 34133 samples as parts: views
+   of the session's audio context and of the chunk, which a batcher copies
+   once, into its batch. Only earlier *audio* is needed, so the windows of
+   consecutive chunks can run in the same batch.
+2. ``finish_chunk`` (in arrival order): compute the chunk's volume, take the
+   new frames from the model output and post-process them with the stored
+   previous frames. ``finish_chunks`` does this for a whole batch's sessions
+   at once, with the volume and post-processing vectorised over them and the
+   same results.
 
 Context modes:
 
@@ -37,7 +39,7 @@ import numpy as np
 
 from . import postprocess
 from .audio import rms_volume
-from .constants import NUM_BLENDSHAPES, SAMPLE_RATE, VOLUME_HOP, WINDOW_FRAMES, WINDOW_SAMPLES, frame_count
+from .constants import FPS, NUM_BLENDSHAPES, SAMPLE_RATE, VOLUME_HOP, WINDOW_FRAMES, WINDOW_SAMPLES, frame_count
 from .loudness import LoudnessMode, StreamLoudness
 from .tuning import Tuning, apply as apply_tuning
 
@@ -47,6 +49,17 @@ if TYPE_CHECKING:  # the model (torch) is only needed by whoever runs windows
 # Sub-chunks are multiples of 0.1 s (3 frames) so that, in the reference
 # mode, their frame counts add up to the frame count of the whole chunk.
 MAX_SUBCHUNK_SAMPLES = 2 * SAMPLE_RATE
+# A session's context is kept as the pieces its audio came in; past this
+# many (tiny chunks) they are joined into one, so a window stays a few parts.
+MAX_CONTEXT_PIECES = 8
+# Frame centres k*16000//30 repeat every 3 frames (1600 samples): the
+# volume spans of frames 3m, 3m+1, 3m+2 are the first 533, next 533 and next
+# 533 samples of the 1600 from 1600m - 266, with one sample left over.
+_VOLUME_BLOCK_FRAMES = 3
+_VOLUME_BLOCK = _VOLUME_BLOCK_FRAMES * SAMPLE_RATE // FPS
+assert _VOLUME_BLOCK * FPS == _VOLUME_BLOCK_FRAMES * SAMPLE_RATE and _VOLUME_BLOCK_FRAMES * VOLUME_HOP < _VOLUME_BLOCK
+_ZEROS = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
+_ZEROS.setflags(write=False)
 
 
 class ContextMode(str, Enum):
@@ -61,7 +74,10 @@ class StreamState:
     identity: int
     rng: np.random.Generator
     mode: ContextMode = ContextMode.CONTINUOUS
-    previous_audio: np.ndarray | None = None  # the last model window [W]
+    # The session's latest audio as the pieces it came in, oldest first (at
+    # least a model window's worth once there is that much): the next window
+    # is read from them, so planning a chunk copies no audio.
+    context: tuple[np.ndarray, ...] = ()
     previous_frames: np.ndarray | None = None  # last <= 64 post-processed frames
     previous_volume: np.ndarray | None = None
     frames_sent: int = 0  # frames finished
@@ -72,11 +88,16 @@ class StreamState:
     tuning: Tuning | None = None  # the session's output tuning (a2e.tuning), None: untouched
     tuned_last: np.ndarray | None = None  # the tuning's smoothing state: the last smoothed frame
 
+    @property
+    def previous_audio(self) -> np.ndarray:
+        """The last ``WINDOW_SAMPLES`` of session audio (zeros before its start)."""
+        return np.concatenate(_tail_parts(self.context, WINDOW_SAMPLES))
+
     def snapshot(self) -> dict:
         """What to roll back to, so a chunk is applied whole or not at all.
-        Arrays are replaced, never written in place, so keeping references is
-        enough; the generator and the level estimate change in place, so their
-        states are copied."""
+        Arrays (and the context's pieces) are replaced, never written in
+        place, so keeping references is enough; the generator and the level
+        estimate change in place, so their states are copied."""
         saved = dict(self.__dict__)
         saved["rng_state"] = self.rng.bit_generator.state
         if self.loudness is not None:
@@ -91,7 +112,7 @@ class StreamState:
 
 @dataclass
 class ChunkPlan:
-    window: np.ndarray  # [WINDOW_SAMPLES] float32
+    parts: tuple[np.ndarray, ...]  # the model window [WINDOW_SAMPLES] as consecutive float32 pieces
     start_frame: int  # first model frame that belongs to this chunk
     samples: int  # the new audio: the window's last samples
     volume_gain: float = 1.0  # the level estimate's gain (loudness "gates" mode)
@@ -100,6 +121,11 @@ class ChunkPlan:
     first_frame: int | None = None
     end_sample: int = 0
     _volume: np.ndarray | None = None
+
+    @property
+    def window(self) -> np.ndarray:
+        """The window as one array (a copy; batchers take ``parts`` as they are)."""
+        return np.concatenate(self.parts)
 
     @property
     def num_frames(self) -> int:
@@ -126,14 +152,35 @@ def fill_volumes(plans: Sequence[ChunkPlan]) -> None:
     if clocked:
         _clock_volumes(clocked)
     for samples, group in by_length.items():
-        volumes = _chunk_volume([p.window[WINDOW_SAMPLES - samples :] for p in group], group[0].num_frames)
+        tails = [np.concatenate(_tail_parts(p.parts, samples)) if len(p.parts[-1]) < samples else p.parts[-1][-samples:]
+                 for p in group]  # fmt: skip
+        volumes = _chunk_volume(tails, group[0].num_frames)
         for plan, volume in zip(group, volumes):
             plan._volume = volume * np.float32(plan.volume_gain)
 
 
 def split_chunk(audio: np.ndarray) -> list[np.ndarray]:
     """Consecutive pieces of at most 2 s (a chunk may be longer than one window)."""
+    if 0 < len(audio) <= MAX_SUBCHUNK_SAMPLES:
+        return [audio]
     return [audio[i : i + MAX_SUBCHUNK_SAMPLES] for i in range(0, len(audio), MAX_SUBCHUNK_SAMPLES)]
+
+
+def _tail_parts(pieces: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+    """The last ``n`` samples of consecutive ``pieces`` as views of them, in
+    order, with zeros in front where the pieces hold fewer."""
+    parts: list[np.ndarray] = []
+    need = n
+    for piece in reversed(pieces):
+        if need == 0:
+            break
+        take = min(need, len(piece))
+        parts.append(piece[len(piece) - take :])
+        need -= take
+    if need:
+        parts.append(_ZEROS[:need])
+    parts.reverse()
+    return parts
 
 
 def _chunk_volume(pieces: list[np.ndarray], frames: int) -> np.ndarray:
@@ -149,32 +196,41 @@ def _clock_volumes(plans: list[ChunkPlan]) -> None:
     samples of session audio centred on ``k/30`` s (zeros past the audio so far,
     as the whole-clip volume pads the clip's end), read from each window.
 
-    Consecutive frames' spans follow each other (centres 533 or 534 samples
-    apart), so the squared tails of all plans' windows go into one array and
-    one ``reduceat`` sums every span (in float64). A span's sum depends only on
-    its own samples, so a batch gives what one plan alone does.
+    Spans repeat every 3 frames (``_VOLUME_BLOCK`` samples), so every plan's
+    span blocks go into one float64 array of exact squares, whose rows of
+    ``[3, 533]`` are summed along their last axis: each span's sum is the
+    same pairwise float64 sum of its own samples whichever batch it is in.
     """
     half = VOLUME_HOP // 2
-    counts = np.array([p.num_frames for p in plans])
-    frames = np.repeat(np.array([p.first_frame for p in plans]) - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-    offsets = np.repeat(np.array([p.end_sample for p in plans]) - WINDOW_SAMPLES, counts)
-    start = frames * SAMPLE_RATE // 30 - half - offsets  # in each window
-    stop = np.minimum(start + VOLUME_HOP, WINDOW_SAMPLES)  # past the audio so far: zeros, nothing to add
-    firsts = start[np.cumsum(counts) - counts]  # each plan's first span start
-    lengths = WINDOW_SAMPLES - firsts
-    bases = np.cumsum(lengths) - lengths  # where each plan's tail goes in the flat array
-    squares = np.empty(int(lengths.sum()) + 1, dtype=np.float32)
-    squares[-1] = 0.0  # reduceat's last index must be inside the array
-    for plan, first, base, length in zip(plans, firsts.tolist(), bases.tolist(), lengths.tolist()):
-        np.square(plan.window[first:], out=squares[base : base + length])
-    shift = np.repeat(bases - firsts, counts)
-    bounds = np.stack([start + shift, stop + shift], axis=1).ravel()
-    sums = np.add.reduceat(squares, bounds, dtype=np.float64)[::2]  # (odd entries: the gaps between spans)
-    volume = np.sqrt(sums / VOLUME_HOP).astype(np.float32)
+    block = _VOLUME_BLOCK
+    first_blocks = [p.first_frame // _VOLUME_BLOCK_FRAMES for p in plans]
+    counts = [(p.first_frame + p.num_frames - 1) // _VOLUME_BLOCK_FRAMES - m + 1 for p, m in zip(plans, first_blocks)]
+    squares = np.empty(sum(counts) * block, dtype=np.float32)
     at = 0
-    for plan in plans:
-        plan._volume = volume[at : at + plan.num_frames] * np.float32(plan.volume_gain)
-        at += plan.num_frames
+    for plan, m, count in zip(plans, first_blocks, counts):
+        # The blocks' samples, in window coordinates: from the first block's
+        # start to the window's end (later ones lie past the audio so far).
+        begin = m * block - half - (plan.end_sample - WINDOW_SAMPLES)
+        length = min(count * block, WINDOW_SAMPLES - begin)
+        pos = 0
+        for part in plan.parts:
+            lo, hi = max(begin - pos, 0), min(begin + length - pos, len(part))
+            if lo < hi:
+                np.square(part[lo:hi], out=squares[at : at + hi - lo])
+                at += hi - lo
+            pos += len(part)
+        rest = count * block - length
+        squares[at : at + rest] = 0.0
+        at += rest
+    spans = squares.reshape(-1, block)[:, : _VOLUME_BLOCK_FRAMES * VOLUME_HOP].reshape(-1, _VOLUME_BLOCK_FRAMES, VOLUME_HOP)
+    volume = np.sqrt(spans.sum(axis=-1).ravel() / np.float32(VOLUME_HOP))
+    at = 0
+    for plan, m, count in zip(plans, first_blocks, counts):
+        skip = plan.first_frame - m * _VOLUME_BLOCK_FRAMES
+        plan._volume = volume[at + skip : at + skip + plan.num_frames]
+        if plan.volume_gain != 1.0:
+            plan._volume = plan._volume * np.float32(plan.volume_gain)
+        at += count * _VOLUME_BLOCK_FRAMES
 
 
 def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
@@ -187,7 +243,11 @@ def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
     no frames; its audio still joins the context. The reference mode rounds
     up per chunk, as the reference does, so its published outputs stay
     reproducible (its frames run ahead of the audio for chunk sizes that are
-    not multiples of 1/30 s)."""
+    not multiples of 1/30 s).
+
+    Windows are given as parts (views of the context and of ``audio``): the
+    session keeps ``audio`` as context, so callers hand over an array that
+    nobody writes to afterwards."""
     audio = np.asarray(audio, dtype=np.float32)
     gain = 1.0
     if state.loudness_mode is not LoudnessMode.OFF:
@@ -201,26 +261,38 @@ def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
     planned = state.frames_planned
     for piece in split_chunk(audio):
         keep = WINDOW_SAMPLES - len(piece)
-        if state.mode is ContextMode.CONTINUOUS and state.previous_audio is not None:
-            head = state.previous_audio[len(state.previous_audio) - keep :] if keep else state.previous_audio[:0]
+        if state.mode is ContextMode.CONTINUOUS:
+            head = _tail_parts(state.context, keep) if keep else []
         else:
-            head = np.zeros(keep, dtype=np.float32)
-        window = np.concatenate([head, piece]).astype(np.float32, copy=False)
-        state.previous_audio = window
+            head = [_ZEROS[:keep]]
+        parts = (*head, piece)
+        state.context = _extend_context(state.context, piece)
         if state.mode is ContextMode.REFERENCE:
             start = int(WINDOW_FRAMES - len(piece) / SAMPLE_RATE * 30)
-            plans.append(ChunkPlan(window, start, len(piece), volume_gain))
+            plans.append(ChunkPlan(parts, start, len(piece), volume_gain))
             planned += WINDOW_FRAMES - start
             continue
         state.samples_received += len(piece)
         due = frame_count(state.samples_received)
         if due > planned:
             plans.append(
-                ChunkPlan(window, WINDOW_FRAMES - (due - planned), len(piece), volume_gain, planned, state.samples_received)
+                ChunkPlan(parts, WINDOW_FRAMES - (due - planned), len(piece), volume_gain, planned, state.samples_received)
             )
             planned = due
     state.frames_planned = planned
     return plans
+
+
+def _extend_context(context: tuple[np.ndarray, ...], piece: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The context with ``piece`` added and pieces no window needs dropped (a
+    new tuple: a snapshot's context stays as it was)."""
+    pieces = [*context, piece]
+    total = sum(map(len, pieces))
+    while len(pieces) > 1 and total - len(pieces[0]) >= WINDOW_SAMPLES:
+        total -= len(pieces.pop(0))
+    if len(pieces) > MAX_CONTEXT_PIECES:
+        pieces = [np.concatenate(_tail_parts(pieces, min(total, WINDOW_SAMPLES)))]
+    return tuple(pieces)
 
 
 def finish_chunk(state: StreamState, plan: ChunkPlan, model_frames: np.ndarray) -> np.ndarray:
@@ -240,22 +312,32 @@ def finish_chunks(items: Sequence[tuple[StreamState, ChunkPlan, np.ndarray]]) ->
         stored = 0 if state.previous_frames is None else len(state.previous_frames)
         groups.setdefault((stored, plan.num_frames), []).append(i)
     results: list[np.ndarray] = [np.empty((0, 0), dtype=np.float32)] * len(items)
-    for (stored, _), members in groups.items():
+    for (stored, fresh), members in groups.items():
+        # The group's arrays, filled row by row (np.stack costs more per row than the copy).
         states = [items[i][0] for i in members]
-        new = np.stack([np.asarray(items[i][2], dtype=np.float32)[items[i][1].start_frame :] for i in members])
-        volume = np.stack([items[i][1].volume for i in members])
-        previous = np.stack([s.previous_frames for s in states]) if stored else None
-        previous_volume = np.stack([s.previous_volume for s in states]) if stored else None
+        new = np.empty((len(members), fresh, NUM_BLENDSHAPES), dtype=np.float32)
+        volume = np.empty((len(members), fresh), dtype=np.float32)
+        previous = np.empty((len(members), stored, NUM_BLENDSHAPES), dtype=np.float32) if stored else None
+        previous_volume = np.empty((len(members), stored), dtype=np.float32) if stored else None
+        for row, i in enumerate(members):
+            state, plan, model_frames = items[i]
+            new[row] = model_frames[plan.start_frame :]
+            volume[row] = plan.volume
+            if stored:
+                previous[row] = state.previous_frames
+                previous_volume[row] = state.previous_volume
         out = postprocess.postprocess_chunks(previous, previous_volume, new, volume, [s.rng for s in states])
-        for row, i, state in zip(out, members, states):
-            plan = items[i][1]
-            if state.previous_frames is None:
-                state.previous_frames, state.previous_volume = row.copy(), plan.volume.copy()
-            else:
-                state.previous_frames = np.concatenate([state.previous_frames, row])[-WINDOW_FRAMES:]
-                state.previous_volume = np.concatenate([state.previous_volume, plan.volume])[-WINDOW_FRAMES:]
-            state.frames_sent += len(row)
-            results[i] = row
+        # What each session keeps, made for the group at once; a session's
+        # rows are views of it (stored arrays are replaced, never written).
+        if stored:
+            kept = np.concatenate([previous, out], axis=1)[:, -WINDOW_FRAMES:]
+            kept_volume = np.concatenate([previous_volume, volume], axis=1)[:, -WINDOW_FRAMES:]
+        else:
+            kept, kept_volume = out.copy(), volume.copy()
+        for row, i, state in zip(range(len(members)), members, states):
+            state.previous_frames, state.previous_volume = kept[row], kept_volume[row]
+            state.frames_sent += fresh
+            results[i] = out[row]
     return results
 
 

@@ -3,10 +3,13 @@
 Handlers (any thread, or the event loop) submit work and get a
 ``concurrent.futures.Future`` back (``asyncio.wrap_future`` makes it awaitable):
 
-* ``submit_windows``: streaming windows ``[n, 34133]`` with identities. Queued
-  window requests are coalesced into one batch of up to ``max_batch`` rows,
-  run through the runner (which pads to its captured bucket sizes), and the
-  output rows are scattered back to each request's future. Jobs submitted
+* ``submit_windows``: streaming windows ``[n, 34133]`` with identities (or
+  each window as consecutive parts, e.g. views of a session's audio, which
+  are copied once, straight into the batch). Queued window requests are
+  coalesced into one batch of up to ``max_batch`` rows in a buffer reused
+  from batch to batch, run through the runner (which pads to its captured
+  bucket sizes), and the output rows are scattered back to each request's
+  future. Jobs submitted
   with a tag are also handed back together, one ``on_batch`` call per batch,
   so a consumer can finish a whole batch with one wake-up of its thread.
 * ``submit_clip``: one variable-length whole-clip pass, run as its own job
@@ -34,7 +37,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -50,17 +53,65 @@ from .errors import BatcherStopped, Cancelled, QueueFull
 log = logging.getLogger("a2e.batcher")
 
 
-@dataclass
-class _WindowJob:
-    windows: np.ndarray
-    identities: np.ndarray
-    future: Future
-    tag: object = None  # the submitter's, handed back through on_batch
-    enqueued: float = field(default_factory=time.perf_counter)
+Windows = np.ndarray | Sequence[Sequence[np.ndarray]]
 
-    @property
-    def rows(self) -> int:
-        return len(self.windows)
+
+class TaggedResult:
+    """The outcome of a tagged window job, delivered through ``on_batch``:
+    the part of ``concurrent.futures.Future`` that such a consumer uses
+    (cancel, cancelled, result, exception), without a condition variable,
+    since nobody blocks on it. Cancelling and starting to run are decided
+    under the batcher's lock, so a job is either cancelled or run, never both."""
+
+    __slots__ = ("_lock", "_state", "_value", "_error")
+
+    def __init__(self, lock: threading.Condition) -> None:
+        self._lock = lock
+        self._state = "pending"  # -> "cancelled", or "running" -> "done"
+        self._value: np.ndarray | None = None
+        self._error: BaseException | None = None
+
+    def cancel(self) -> bool:
+        with self._lock:
+            if self._state == "pending":
+                self._state = "cancelled"
+            return self._state == "cancelled"
+
+    def cancelled(self) -> bool:
+        return self._state == "cancelled"
+
+    def set_running_or_notify_cancel(self) -> bool:  # (called with the lock held)
+        if self._state == "cancelled":
+            return False
+        self._state = "running"
+        return True
+
+    def set_result(self, value: np.ndarray) -> None:
+        self._value, self._state = value, "done"
+
+    def set_exception(self, error: BaseException) -> None:
+        if self._state != "cancelled":  # (a cancelled job stays cancelled, as with a Future)
+            self._error, self._state = error, "done"
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def result(self) -> np.ndarray:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _WindowJob:
+    __slots__ = ("windows", "identities", "future", "tag", "rows", "enqueued")
+
+    def __init__(self, windows: Windows, identities: np.ndarray, future: Future | TaggedResult, tag: object) -> None:
+        self.windows = windows  # [rows, WINDOW_SAMPLES], or rows windows as parts
+        self.identities = identities
+        self.future = future
+        self.tag = tag  # the submitter's, handed back through on_batch
+        self.rows = len(windows)
+        self.enqueued = time.perf_counter()
 
 
 @dataclass
@@ -104,6 +155,7 @@ class MicroBatcher:
         self._running = False
         self._busy_s = 0.0  # recent mean batch time, for Retry-After
         self._batches = 0
+        self._staging = np.empty((0, WINDOW_SAMPLES), dtype=np.float32)  # the batch input, reused
         self.windows_run = 0  # with _batches: the mean batch size, for health and benchmarks
 
     # -- lifecycle -------------------------------------------------------
@@ -124,7 +176,8 @@ class MicroBatcher:
             self._queued_rows = 0
             self._cond.notify_all()
         for job in pending:
-            job.future.set_exception(BatcherStopped("server is shutting down"))
+            if not job.future.cancelled():  # (a cancelled Future takes no exception)
+                job.future.set_exception(BatcherStopped("server is shutting down"))
         self._hand_back([j for j in pending if isinstance(j, _WindowJob)])
         if self._thread is not None:
             self._thread.join(timeout)
@@ -147,7 +200,7 @@ class MicroBatcher:
         return math.ceil(self._queued_rows / self.max_batch) * max(self._busy_s, 0.0)
 
     # -- submission --------------------------------------------------------
-    def _enqueue(self, job: _WindowJob | _ClipJob) -> Future:
+    def _enqueue(self, job: _WindowJob | _ClipJob) -> Future | TaggedResult:
         with self._cond:
             if not self._running:
                 raise BatcherStopped("inference is not running")
@@ -156,23 +209,30 @@ class MicroBatcher:
                 metrics.child(metrics.REJECTED).inc()
                 raise QueueFull(self._queued_rows, max(1.0, wait_s))
             self._queue.append(job)
-            self._queued_rows += job.rows
-            metrics.child(metrics.QUEUE_DEPTH).set(self._queued_rows)
+            self._queued_rows += job.rows  # (the gauge follows once per batch, in _take)
             if self._queued_rows >= self._wake_rows or isinstance(job, _ClipJob):
                 self._cond.notify()
         return job.future
 
-    def submit_windows(self, windows: np.ndarray, identities: np.ndarray, tag: object = None) -> Future:
-        """Queue windows; their output rows come back through the future, and,
-        for a job with a ``tag``, once more with the rest of its batch through
-        ``on_batch`` (one call per batch)."""
-        windows = np.ascontiguousarray(windows, dtype=np.float32)
-        if windows.ndim != 2 or windows.shape[1] != WINDOW_SAMPLES or len(windows) == 0:
-            raise ValueError(f"windows must be [n>0, {WINDOW_SAMPLES}], got {windows.shape}")
+    def submit_windows(self, windows: Windows, identities: np.ndarray, tag: object = None) -> Future | TaggedResult:
+        """Queue windows, ``[n, WINDOW_SAMPLES]`` or n windows given as parts
+        (float32 pieces adding up to ``WINDOW_SAMPLES``, read when the batch
+        is assembled, so they must not change until the future is done);
+        their output rows come back through the future, and, for a job with a
+        ``tag``, once more with the rest of its batch through ``on_batch``
+        (one call per batch)."""
+        if isinstance(windows, np.ndarray):
+            windows = np.ascontiguousarray(windows, dtype=np.float32)
+            if windows.ndim != 2 or windows.shape[1] != WINDOW_SAMPLES or len(windows) == 0:
+                raise ValueError(f"windows must be [n>0, {WINDOW_SAMPLES}], got {windows.shape}")
+        else:
+            if not windows or any(sum(map(len, parts)) != WINDOW_SAMPLES for parts in windows):
+                raise ValueError(f"each window's parts must add up to {WINDOW_SAMPLES} samples")
         ids = np.asarray(identities, dtype=np.int64).reshape(-1)
         if len(ids) != len(windows):
             raise ValueError("one identity per window")
-        return self._enqueue(_WindowJob(windows, ids, Future(), tag))
+        # A tagged job is answered through on_batch: a light result will do.
+        return self._enqueue(_WindowJob(windows, ids, Future() if tag is None else TaggedResult(self._cond), tag))
 
     def submit_clip(self, audio: np.ndarray, identity: int) -> Future:
         return self._enqueue(_ClipJob(np.asarray(audio, dtype=np.float32), int(identity), Future()))
@@ -258,13 +318,14 @@ class MicroBatcher:
         job.future.set_result(out)
 
     def _run_batch(self, jobs: list[_WindowJob]) -> None:
-        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        with self._cond:  # (a TaggedResult is cancelled under this lock)
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if not jobs:
             return
         now = time.perf_counter()
         for j in jobs:
             metrics.child(metrics.QUEUE_WAIT, "window").observe(now - j.enqueued)
-        windows = jobs[0].windows if len(jobs) == 1 else np.concatenate([j.windows for j in jobs])
+        windows = self._assemble(jobs)
         ids = jobs[0].identities if len(jobs) == 1 else np.concatenate([j.identities for j in jobs])
         t0 = time.perf_counter()
         try:
@@ -292,6 +353,30 @@ class MicroBatcher:
             else:
                 j.future.set_result(out[rows])
         self._hand_back(jobs)
+
+    def _assemble(self, jobs: list[_WindowJob]) -> np.ndarray:
+        """The batch's input rows: one job's array as it is, otherwise every
+        window copied once into the staging buffer (fresh pages for each
+        batch's megabytes would cost more than the copy)."""
+        if len(jobs) == 1 and isinstance(jobs[0].windows, np.ndarray):
+            return jobs[0].windows
+        rows = sum(j.rows for j in jobs)
+        if rows > len(self._staging):
+            self._staging = np.empty((max(rows, self.max_batch), WINDOW_SAMPLES), dtype=np.float32)
+        batch = self._staging[:rows]
+        r = 0
+        for job in jobs:
+            if isinstance(job.windows, np.ndarray):
+                batch[r : r + job.rows] = job.windows
+                r += job.rows
+                continue
+            for parts in job.windows:
+                row, at = batch[r], 0
+                for part in parts:
+                    row[at : at + len(part)] = part
+                    at += len(part)
+                r += 1
+        return batch
 
     def _hand_back(self, jobs: list[_WindowJob]) -> None:
         tagged = [(j.tag, j.future) for j in jobs if j.tag is not None]

@@ -31,7 +31,9 @@ def child(metric, *labels: str):
     return found
 
 
-QUEUE_DEPTH = Gauge("a2e_queue_windows", "Windows waiting for the batcher", ["engine"], multiprocess_mode="livesum")
+QUEUE_DEPTH = Gauge(
+    "a2e_queue_windows", "Windows waiting for the batcher (as of its latest batch)", ["engine"], multiprocess_mode="livesum"
+)
 QUEUE_WAIT = Histogram(
     "a2e_queue_wait_seconds", "Time a job waited in the batcher's queue", ["engine", "kind"], buckets=_LATENCY_BUCKETS
 )

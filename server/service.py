@@ -24,7 +24,7 @@ import logging
 import math
 import secrets
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import TypeVar
@@ -43,6 +43,7 @@ from a2e.lite import load_lite
 from a2e.loudness import LoudnessMode, StreamLoudness
 from a2e.separation import SeparationUnavailable, VocalSeparator
 from batching import BatcherStopped, CancelScope, MicroBatcher, ModelRunner
+from batching.batcher import TaggedResult
 from batching import metrics as batch_metrics
 from batching.stub import StubRunner
 
@@ -65,6 +66,8 @@ __all__ = ["ChunkResult", "InferenceService", "Limits", "SeparationBusy", "Sessi
            "ShuttingDown", "shown_path"]
 
 log = logging.getLogger("a2e.service")
+_STREAM_SECONDS = metrics.AUDIO_SECONDS.labels("stream")
+_STREAM_FRAMES = metrics.FRAMES.labels("stream")
 
 # Effective length limits keep a request's model time within this share of
 # the response timeout, leaving the rest for queueing and everything else.
@@ -414,7 +417,9 @@ class InferenceService:
         applied one at a time in the order submitted, each whole or not at
         all. Raises at once (nothing queued) when the service is not ready,
         draining, or the session is unknown. No coroutine per chunk: an engine
-        answers hundreds of chunks per batch from one callback."""
+        answers hundreds of chunks per batch from one callback. The session
+        keeps ``audio`` as its context, uncopied: pass an array that nobody
+        writes to afterwards (decoded audio, a transport's copy)."""
         self._require_ready()
         self.check_accepting()
         session = self._session(session_id)
@@ -471,10 +476,11 @@ class InferenceService:
                 chunk.plans = streaming.plan_chunk(state, chunk.audio)
                 plans = chunk.plans
                 if not plans:  # shorter than what completes a frame: no window, no frames
-                    self._succeed(chunk, np.zeros((0, NUM_BLENDSHAPES), dtype=np.float32))
+                    _STREAM_SECONDS.inc(self._succeed(chunk, np.zeros((0, NUM_BLENDSHAPES), dtype=np.float32), time.monotonic()))
                     continue
-                windows = plans[0].window[None] if len(plans) == 1 else np.stack([p.window for p in plans])
-                chunk.future = self.batcher.submit_windows(windows, np.full(len(plans), state.identity), tag=chunk)
+                # The windows go as parts (views of the session's audio): the batcher copies them once.
+                windows = [p.parts for p in plans]
+                chunk.future = self.batcher.submit_windows(windows, [state.identity] * len(plans), tag=chunk)
             except Exception as exc:  # QueueFull, stopped batcher, bad audio: this chunk only
                 chunk.answer(exc)
                 self._undo(chunk)
@@ -493,18 +499,18 @@ class InferenceService:
         chunk.answer(exc)
         self._abandon(chunk)
 
-    def _succeed(self, chunk: "StreamChunk", frames: np.ndarray) -> None:
+    def _succeed(self, chunk: "StreamChunk", frames: np.ndarray, now: float) -> float:
+        """Answer the chunk; returns its audio seconds (the caller counts them, once per batch)."""
         session = chunk.session
         session.chunks_done += 1
-        session.last_used = session.last_answer_at = time.monotonic()
+        session.last_used = session.last_answer_at = now
         seconds = len(chunk.audio) / SAMPLE_RATE
         frames = streaming.tune(session.state, frames)
-        metrics.AUDIO_SECONDS.labels("stream").inc(seconds)
-        metrics.FRAMES.labels("stream").inc(len(frames))
         chunk.answer(ChunkResult(frames, session.chunks_done, seconds, chunk.start_time, session.state.mode.value))
         session.active = None
+        return seconds
 
-    def _batch_done(self, finished: list[tuple[object, Future]]) -> None:
+    def _batch_done(self, finished: list[tuple[object, TaggedResult]]) -> None:
         """The batcher thread's hand-back: one wake-up of each event loop per batch."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for chunk, future in finished:
@@ -516,7 +522,7 @@ class InferenceService:
             except RuntimeError:
                 pass  # that loop is closed: nobody awaits these chunks any more
 
-    def _finish_batch(self, items: list[tuple["StreamChunk", Future]]) -> None:
+    def _finish_batch(self, items: list[tuple["StreamChunk", TaggedResult]]) -> None:
         """Post-process the chunks of one batch together (on their event loop,
         the one thread that touches session state), answer each, and start
         each session's next chunk."""
@@ -545,14 +551,18 @@ class InferenceService:
             for chunk, _ in ready:
                 self._fail(chunk, exc)
             return
+        now, seconds, frame_count = time.monotonic(), 0.0, 0
         for chunk, _ in ready:
             p = parts[id(chunk)]
             frames = p[0] if len(p) == 1 else np.concatenate(p)
-            if not np.isfinite(frames).all():
+            if not math.isfinite(frames.sum()):  # (frames lie in [0, 1]: a sum is only non-finite through a NaN or inf)
                 self._fail(chunk, ModelOutputError("post-processing produced non-finite values"))
             else:
-                self._succeed(chunk, frames)
+                seconds += self._succeed(chunk, frames, now)
+                frame_count += len(frames)
                 self._start_next(chunk.session)
+        _STREAM_SECONDS.inc(seconds)
+        _STREAM_FRAMES.inc(frame_count)
 
 
 class StreamChunk:
@@ -574,7 +584,7 @@ class StreamChunk:
         self.saved: dict | None = None
         self.start_time = 0.0
         self.plans: list[streaming.ChunkPlan] = []
-        self.future: Future | None = None
+        self.future: TaggedResult | None = None
         self.replied = False
 
     def answer(self, result: ChunkResult | BaseException) -> None:
