@@ -1,6 +1,6 @@
 """An engine process's own CPU per streaming chunk, outside the model.
 
-    python benchmarks/engine_overhead.py [--sessions 256] [--rounds 20] [--max-batch 64] [--chunk-seconds 1]
+    python benchmarks/engine_overhead.py [--sessions 256] [--rounds 20] [--max-batch 64] [--chunk-seconds 1] [--pin]
 
 Starts one engine process with the stub model (constant frames, no compute:
 every CPU second the engine spends is serving work: receiving the chunk,
