@@ -1,7 +1,9 @@
 """The micro-batcher: one thread that owns the model and the device.
 
 Handlers (any thread, or the event loop) submit work and get a
-``concurrent.futures.Future`` back (``asyncio.wrap_future`` makes it awaitable):
+``concurrent.futures.Future`` back (``asyncio.wrap_future`` makes it awaitable;
+a job with a tag, answered through ``on_batch``, gets a lighter
+``TaggedResult``):
 
 * ``submit_windows``: streaming windows ``[n, 34133]`` with identities (or
   each window as consecutive parts, e.g. views of a session's audio, which

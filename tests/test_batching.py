@@ -155,6 +155,81 @@ def test_bounded_queue_refuses_at_once(runner):
         batcher.stop()
 
 
+class InputSpy:
+    """A backend that keeps a copy of every batch input it is given."""
+
+    num_identities = 12
+
+    def __init__(self):
+        self.inputs: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def run_windows(self, w, ids):
+        self.entered.set()
+        self.gate.wait(5)
+        self.inputs.append(np.array(w))
+        return np.repeat(w[:, :64, None], 52, axis=2)  # rows that tell which window they came from
+
+    def run_clip(self, audio, identity):
+        raise NotImplementedError
+
+
+def test_windows_given_as_parts_are_assembled_into_the_batch_as_given():
+    spy = InputSpy()
+    spy.gate.clear()
+    handed_back = []
+    batcher = MicroBatcher(spy, max_batch=8, max_wait_s=0.0, on_batch=handed_back.append).start()
+    try:
+        first = batcher.submit_windows(windows(1, seed=9), [0])
+        assert spy.entered.wait(5)  # later jobs now queue up into one batch
+        whole = windows(3, seed=1)
+        # Each window in uneven parts, as a session's context and chunk give them.
+        parts = [(w[:100], w[100:20000], w[20000:]) for w in whole]
+        as_parts = batcher.submit_windows(parts, [0, 1, 2], tag="parts")
+        as_array = batcher.submit_windows(windows(2, seed=2), [3, 4], tag="array")
+        untagged = batcher.submit_windows(windows(1, seed=3), [5])
+        spy.gate.set()
+        first.result(10), untagged.result(10)
+        for _ in range(100):  # the tagged ones are answered through on_batch
+            if len(handed_back) == 1:
+                break
+            time.sleep(0.02)
+    finally:
+        batcher.stop()
+    batch = spy.inputs[1]
+    assert np.array_equal(batch, np.concatenate([whole, windows(2, seed=2), windows(1, seed=3)]))
+    assert [tag for tag, _ in handed_back[0]] == ["parts", "array"]  # one hand-back, tagged jobs only
+    assert np.array_equal(as_parts.result()[:, :, 0], whole[:, :64])
+    assert np.array_equal(as_array.result()[:, :, 0], windows(2, seed=2)[:, :64])
+    with pytest.raises(ValueError, match="add up to"):
+        batcher.submit_windows([(whole[0][:100],)], [0], tag="short")
+
+
+def test_a_tagged_job_cancelled_while_queued_is_not_run():
+    spy = InputSpy()
+    spy.gate.clear()
+    handed_back = []
+    batcher = MicroBatcher(spy, max_batch=8, max_wait_s=0.0, on_batch=handed_back.append).start()
+    try:
+        batcher.submit_windows(windows(1), [0])
+        assert spy.entered.wait(5)
+        dropped = batcher.submit_windows(windows(1, seed=5), [0], tag="dropped")
+        kept = batcher.submit_windows(windows(1, seed=6), [0], tag="kept")
+        assert dropped.cancel() and dropped.cancelled()
+        spy.gate.set()
+        for _ in range(100):
+            if handed_back:
+                break
+            time.sleep(0.02)
+    finally:
+        batcher.stop()
+    assert np.array_equal(spy.inputs[1], windows(1, seed=6))  # only the kept job's window ran
+    assert [tag for tag, _ in handed_back[0]] == ["kept"] and kept.exception() is None
+    assert not kept.cancel()  # done: too late to cancel
+
+
 def test_clip_jobs_share_the_thread(runner, english_16k):
     batcher = MicroBatcher(runner, max_batch=4).start()
     try:
