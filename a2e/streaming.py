@@ -280,7 +280,19 @@ def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
             )
             planned = due
     state.frames_planned = planned
+    state.context = tuple(map(_detached, state.context))
     return plans
+
+
+def _detached(piece: np.ndarray) -> np.ndarray:
+    """``piece`` as the context keeps it: a small view of a larger array (the
+    end of a long chunk, a slice of a clip) or of a foreign buffer (a request
+    body) is copied, as the view would keep all of that alive with the
+    session; an array of its own, or a view of one its size, is kept as is."""
+    base = piece.base
+    if base is None or (isinstance(base, np.ndarray) and base.nbytes <= 2 * piece.nbytes):
+        return piece
+    return piece.copy()
 
 
 def _extend_context(context: tuple[np.ndarray, ...], piece: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -327,15 +339,16 @@ def finish_chunks(items: Sequence[tuple[StreamState, ChunkPlan, np.ndarray]]) ->
                 previous[row] = state.previous_frames
                 previous_volume[row] = state.previous_volume
         out = postprocess.postprocess_chunks(previous, previous_volume, new, volume, [s.rng for s in states])
-        # What each session keeps, made for the group at once; a session's
-        # rows are views of it (stored arrays are replaced, never written).
+        # What each session keeps, made for the group at once, then one copy
+        # per session: a view would keep the whole group's array alive for as
+        # long as any one of its sessions sits idle.
         if stored:
             kept = np.concatenate([previous, out], axis=1)[:, -WINDOW_FRAMES:]
             kept_volume = np.concatenate([previous_volume, volume], axis=1)[:, -WINDOW_FRAMES:]
         else:
-            kept, kept_volume = out.copy(), volume.copy()
+            kept, kept_volume = out, volume
         for row, i, state in zip(range(len(members)), members, states):
-            state.previous_frames, state.previous_volume = kept[row], kept_volume[row]
+            state.previous_frames, state.previous_volume = kept[row].copy(), kept_volume[row].copy()
             state.frames_sent += fresh
             results[i] = out[row]
     return results

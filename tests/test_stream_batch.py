@@ -8,7 +8,7 @@ from scipy.signal import savgol_filter
 
 from a2e import postprocess as pp
 from a2e import streaming
-from a2e.constants import BLINK_LENGTH, EYE_BLINK_LEFT, EYE_BLINK_RIGHT, SYMMETRIC_PAIRS, WINDOW_FRAMES
+from a2e.constants import BLINK_LENGTH, EYE_BLINK_LEFT, EYE_BLINK_RIGHT, SYMMETRIC_PAIRS, WINDOW_FRAMES, WINDOW_SAMPLES
 from tests.conftest import speech_like
 
 
@@ -151,6 +151,34 @@ def test_finish_chunks_over_a_batch_equals_one_session_at_a_time():
         assert np.array_equal(b.previous_frames, a.previous_frames)
         assert np.array_equal(b.previous_volume, a.previous_volume)
         assert b.rng.bit_generator.state == a.rng.bit_generator.state
+
+
+def test_a_session_holds_no_view_of_a_long_chunk_or_of_its_batch():
+    # A session's memory stays its own: its context must not pin a long
+    # chunk's whole array (or a clip it is a slice of), and its stored frames
+    # must not pin the batch's arrays, which an idle session would otherwise
+    # keep alive.
+    clip = speech_like(14.0, seed=3)
+    states = sessions(3)
+    for state in states:
+        streaming.plan_chunk(state, clip[:16000])  # a slice of a larger array
+        assert not any(np.shares_memory(p, clip) for p in state.context)
+    long_chunk = clip[16000 : 16000 + 160000].copy()  # 10 s: five 2 s pieces, views of it
+    plans = streaming.plan_chunk(states[0], long_chunk)
+    assert len(plans) == 5 and not any(np.shares_memory(p, long_chunk) for p in states[0].context)
+    assert sum(map(len, states[0].context)) >= WINDOW_SAMPLES
+    assert np.array_equal(states[0].previous_audio, clip[176000 - WINDOW_SAMPLES : 176000])
+    owned = clip[16000:32000].copy()
+    streaming.plan_chunk(states[1], owned)
+    assert any(p is owned for p in states[1].context)  # an array of its own is kept without a copy
+    rng = np.random.default_rng(1)
+    for _ in range(2):  # the second round has stored frames
+        plans = [streaming.plan_chunk(s, clip[:8000].copy())[0] for s in states]
+        streaming.finish_chunks([(s, p, rng.random((WINDOW_FRAMES, 52)).astype(np.float32)) for s, p in zip(states, plans)])
+        for a in range(3):
+            for b in range(a + 1, 3):
+                assert not np.shares_memory(states[a].previous_frames, states[b].previous_frames)
+                assert not np.shares_memory(states[a].previous_volume, states[b].previous_volume)
 
 
 @pytest.mark.parametrize("n", [1, 100, 533, 8000, 16000, 31999])
