@@ -152,9 +152,7 @@ def fill_volumes(plans: Sequence[ChunkPlan]) -> None:
     if clocked:
         _clock_volumes(clocked)
     for samples, group in by_length.items():
-        tails = [np.concatenate(_tail_parts(p.parts, samples)) if len(p.parts[-1]) < samples else p.parts[-1][-samples:]
-                 for p in group]  # fmt: skip
-        volumes = _chunk_volume(tails, group[0].num_frames)
+        volumes = _chunk_volume([p.parts[-1] for p in group], group[0].num_frames)  # (the last part: the piece)
         for plan, volume in zip(group, volumes):
             plan._volume = volume * np.float32(plan.volume_gain)
 
@@ -197,9 +195,9 @@ def _clock_volumes(plans: list[ChunkPlan]) -> None:
     as the whole-clip volume pads the clip's end), read from each window.
 
     Spans repeat every 3 frames (``_VOLUME_BLOCK`` samples), so every plan's
-    span blocks go into one float64 array of exact squares, whose rows of
-    ``[3, 533]`` are summed along their last axis: each span's sum is the
-    same pairwise float64 sum of its own samples whichever batch it is in.
+    span blocks go into one array of squares, whose rows of ``[3, 533]`` are
+    summed along their last axis: each span's sum is numpy's pairwise sum of
+    its own 533 contiguous squares, the same whichever batch it is in.
     """
     half = VOLUME_HOP // 2
     block = _VOLUME_BLOCK

@@ -418,8 +418,9 @@ class InferenceService:
         all. Raises at once (nothing queued) when the service is not ready,
         draining, or the session is unknown. No coroutine per chunk: an engine
         answers hundreds of chunks per batch from one callback. The session
-        keeps ``audio`` as its context, uncopied: pass an array that nobody
-        writes to afterwards (decoded audio, a transport's copy)."""
+        keeps ``audio`` as its context (uncopied when it is an array of its
+        own): pass an array that nobody writes to afterwards (decoded audio,
+        a transport's copy)."""
         self._require_ready()
         self.check_accepting()
         session = self._session(session_id)

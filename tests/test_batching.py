@@ -155,6 +155,13 @@ def test_bounded_queue_refuses_at_once(runner):
         batcher.stop()
 
 
+def wait_until(condition, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 class InputSpy:
     """A backend that keeps a copy of every batch input it is given."""
 
@@ -192,10 +199,7 @@ def test_windows_given_as_parts_are_assembled_into_the_batch_as_given():
         untagged = batcher.submit_windows(windows(1, seed=3), [5])
         spy.gate.set()
         first.result(10), untagged.result(10)
-        for _ in range(100):  # the tagged ones are answered through on_batch
-            if len(handed_back) == 1:
-                break
-            time.sleep(0.02)
+        assert wait_until(lambda: handed_back)  # the tagged ones are answered through on_batch
     finally:
         batcher.stop()
     batch = spy.inputs[1]
@@ -219,10 +223,7 @@ def test_a_tagged_job_cancelled_while_queued_is_not_run():
         kept = batcher.submit_windows(windows(1, seed=6), [0], tag="kept")
         assert dropped.cancel() and dropped.cancelled()
         spy.gate.set()
-        for _ in range(100):
-            if handed_back:
-                break
-            time.sleep(0.02)
+        assert wait_until(lambda: handed_back)
     finally:
         batcher.stop()
     assert np.array_equal(spy.inputs[1], windows(1, seed=6))  # only the kept job's window ran
