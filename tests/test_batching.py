@@ -183,25 +183,31 @@ class InputSpy:
         raise NotImplementedError
 
 
-def test_windows_given_as_parts_are_assembled_into_the_batch_as_given():
+@pytest.fixture
+def held():
+    """A batcher whose thread holds a first batch at the spy's gate, so the
+    jobs a test submits next queue up into one batch; and its hand-backs."""
     spy = InputSpy()
     spy.gate.clear()
     handed_back = []
     batcher = MicroBatcher(spy, max_batch=8, max_wait_s=0.0, on_batch=handed_back.append).start()
-    try:
-        first = batcher.submit_windows(windows(1, seed=9), [0])
-        assert spy.entered.wait(5)  # later jobs now queue up into one batch
-        whole = windows(3, seed=1)
-        # Each window in uneven parts, as a session's context and chunk give them.
-        parts = [(w[:100], w[100:20000], w[20000:]) for w in whole]
-        as_parts = batcher.submit_windows(parts, [0, 1, 2], tag="parts")
-        as_array = batcher.submit_windows(windows(2, seed=2), [3, 4], tag="array")
-        untagged = batcher.submit_windows(windows(1, seed=3), [5])
-        spy.gate.set()
-        first.result(10), untagged.result(10)
-        assert wait_until(lambda: handed_back)  # the tagged ones are answered through on_batch
-    finally:
-        batcher.stop()
+    first = batcher.submit_windows(windows(1, seed=9), [0])
+    assert spy.entered.wait(5)
+    yield spy, batcher, handed_back, first
+    batcher.stop()
+
+
+def test_windows_given_as_parts_are_assembled_into_the_batch_as_given(held):
+    spy, batcher, handed_back, first = held
+    whole = windows(3, seed=1)
+    # Each window in uneven parts, as a session's context and chunk give them.
+    parts = [(w[:100], w[100:20000], w[20000:]) for w in whole]
+    as_parts = batcher.submit_windows(parts, [0, 1, 2], tag="parts")
+    as_array = batcher.submit_windows(windows(2, seed=2), [3, 4], tag="array")
+    untagged = batcher.submit_windows(windows(1, seed=3), [5])
+    spy.gate.set()
+    first.result(10), untagged.result(10)
+    assert wait_until(lambda: handed_back)  # the tagged ones are answered through on_batch
     batch = spy.inputs[1]
     assert np.array_equal(batch, np.concatenate([whole, windows(2, seed=2), windows(1, seed=3)]))
     assert [tag for tag, _ in handed_back[0]] == ["parts", "array"]  # one hand-back, tagged jobs only
@@ -211,21 +217,13 @@ def test_windows_given_as_parts_are_assembled_into_the_batch_as_given():
         batcher.submit_windows([(whole[0][:100],)], [0], tag="short")
 
 
-def test_a_tagged_job_cancelled_while_queued_is_not_run():
-    spy = InputSpy()
-    spy.gate.clear()
-    handed_back = []
-    batcher = MicroBatcher(spy, max_batch=8, max_wait_s=0.0, on_batch=handed_back.append).start()
-    try:
-        batcher.submit_windows(windows(1), [0])
-        assert spy.entered.wait(5)
-        dropped = batcher.submit_windows(windows(1, seed=5), [0], tag="dropped")
-        kept = batcher.submit_windows(windows(1, seed=6), [0], tag="kept")
-        assert dropped.cancel() and dropped.cancelled()
-        spy.gate.set()
-        assert wait_until(lambda: handed_back)
-    finally:
-        batcher.stop()
+def test_a_tagged_job_cancelled_while_queued_is_not_run(held):
+    spy, batcher, handed_back, _ = held
+    dropped = batcher.submit_windows(windows(1, seed=5), [0], tag="dropped")
+    kept = batcher.submit_windows(windows(1, seed=6), [0], tag="kept")
+    assert dropped.cancel() and dropped.cancelled()
+    spy.gate.set()
+    assert wait_until(lambda: handed_back)
     assert np.array_equal(spy.inputs[1], windows(1, seed=6))  # only the kept job's window ran
     assert [tag for tag, _ in handed_back[0]] == ["kept"] and kept.exception() is None
     assert not kept.cancel()  # done: too late to cancel
