@@ -19,6 +19,7 @@ COPY setup.cfg pyproject.toml README.md app.py api_server.py ./
 COPY a2e ./a2e
 COPY a2e_client ./a2e_client
 COPY batching ./batching
+COPY runtime ./runtime
 COPY engine ./engine
 COPY server ./server
 COPY configs ./configs

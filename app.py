@@ -2,8 +2,11 @@
 
     python app.py [--host 0.0.0.0] [--port 8000] [--config-file ...] [--weight ...]
 
-One process owns the model and the device (Sanic runs single-process):
-handlers hand work to the micro-batcher thread and await it. See README.md.
+It composes the rooms (README, "How it is built"): the settings
+(``runtime``), the engines (``engine``: an ``InferenceService`` in this
+process with ``--workers 0``, else one engine process per device behind an
+``EnginePool``) and the front doors (``server``: REST, WebSocket and gRPC),
+and maps every error to its answer.
 
 Every client mistake is a 4xx with its reason; only our own faults are 500,
 and those carry a request id (also in the log), never the exception text.
@@ -27,6 +30,7 @@ from sanic.response import HTTPResponse
 from a2e.errors import A2EError, CheckpointError
 from batching import Cancelled
 from engine.client import EnginePool, RemoteError
+from engine.protocol import Engine
 from server import access, metrics, responses
 from server.connections import (
     BoundedRequest,
@@ -37,16 +41,16 @@ from server.connections import (
     release_upload,
 )
 from server.forms import RequestError
-from server.heap import freeze_startup_objects
-from server.logs import configure_logging
 from server.routes import bp
 from server.stream_socket import bp as stream_bp
 from server.ace_grpc.listener import serve_grpc
 from server.demo_page import bp as demo_bp
 from server.openapi import bp as openapi_bp
 from server.statuses import status_of
-from server.front import Engine, Front
-from server.settings import Settings, load_settings
+from server.front import Front
+from runtime.heap import freeze_startup_objects
+from runtime.logs import configure_logging
+from runtime.settings import Settings, load_settings
 
 log = logging.getLogger("a2e.server")
 access_log = logging.getLogger("a2e.access")
@@ -141,7 +145,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
     # Whoever creates the engine closes it: the app only when it made it.
     app.ctx.owns_engine = engine is None
     if engine is None:
-        from server.service import InferenceService  # the model side (torch): never imported by HTTP workers
+        from engine.service import InferenceService  # the model side (torch): never imported by HTTP workers
 
         engine = InferenceService(settings)
     app.ctx.front = Front(settings, engine)
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
     if settings.worker_count > 0:
         return _serve_with_engines(settings, early_stop)
-    from server.service import InferenceService
+    from engine.service import InferenceService
 
     service = InferenceService(settings)
     try:

@@ -36,9 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, released_checkpoint, save  # noqa: E402
-from benchmarks.process_split import cpu_s, tree  # noqa: E402
-from benchmarks.realtime_sessions import free_port, rest_comparison, speech_chunks, start_server  # noqa: E402
+from benchmarks.common import cpu_s, machine, released_checkpoint, save, tree  # noqa: E402
+from benchmarks.common import free_port, rest_comparison, speech_chunks, start_server  # noqa: E402
 from server.ace_grpc import protocol as p  # noqa: E402
 
 M = p.messages

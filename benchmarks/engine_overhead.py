@@ -109,7 +109,7 @@ def main() -> None:
 
     from engine.client import EnginePool
     from engine.supervisor import EngineSupervisor
-    from server.settings import Settings
+    from runtime.settings import Settings
 
     settings = replace(
         Settings(),

@@ -30,43 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, save  # noqa: E402
-from benchmarks.realtime_sessions import BOUNDARY, Connection, free_port, multipart, speech_chunks  # noqa: E402
+from benchmarks.common import BOUNDARY, Connection, cpu_s, free_port, machine, multipart, save, speech_chunks, tree  # noqa: E402
 
 CONFIGS = {
     "one process": [],
     "1 worker + 1 engine": ["--workers", "1"],
     "2 workers + 1 engine": ["--workers", "2"],
 }
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += [c for c, pp in parents.items() if pp == p]
-    return out
-
-
-def cpu_s(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / TICK
 
 
 def batch_stats(text: str) -> float | None:
@@ -150,8 +120,8 @@ def round_trip(n: int = 1000) -> dict:
     from a2e.loudness import LoudnessMode
     from engine.client import EnginePool
     from engine.supervisor import EngineSupervisor
-    from server.service import InferenceService
-    from server.settings import Settings
+    from engine.service import InferenceService
+    from runtime.settings import Settings
 
     settings = Settings(model="stub", log_level="warning").validate()
     chunk = decode(speech_chunks(1)[0])

@@ -32,8 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from a2e import audio, postprocess, streaming  # noqa: E402
 from a2e.constants import WINDOW_FRAMES  # noqa: E402
-from benchmarks.common import machine, save  # noqa: E402
-from benchmarks.realtime_sessions import BOUNDARY, Connection, multipart, speech_chunks  # noqa: E402
+from benchmarks.common import BOUNDARY, Connection, machine, multipart, save, speech_chunks  # noqa: E402
 from batching.stub import StubRunner  # noqa: E402
 from server import responses  # noqa: E402
 
@@ -84,8 +83,8 @@ def http_cost(n_sessions: int = 32, chunks_per_session: int = 30) -> dict:
     import socket
 
     from app import create_app
-    from server.service import InferenceService
-    from server.settings import Settings
+    from engine.service import InferenceService
+    from runtime.settings import Settings
     from batching import MicroBatcher
 
     with socket.socket() as s:

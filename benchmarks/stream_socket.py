@@ -39,9 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, released_checkpoint, save  # noqa: E402
-from benchmarks.process_split import cpu_s, tree  # noqa: E402
-from benchmarks.realtime_sessions import rest_comparison, speech_chunks, start_server  # noqa: E402
+from benchmarks.common import cpu_s, machine, released_checkpoint, save, tree  # noqa: E402
+from benchmarks.common import rest_comparison, speech_chunks, start_server  # noqa: E402
 
 def cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its descendants."""

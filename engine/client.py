@@ -1,6 +1,6 @@
 """The worker side of the engines: one link per engine process, and a pool
 that places work on them. The pool has the methods of an InferenceService
-(``server.front.Engine``), so the handlers cannot tell it from one in-process.
+(``engine.protocol.Engine``), so the handlers cannot tell it from one in-process.
 
 Placement: a new session goes to the engine with the fewest sessions (every
 answer carries the engine's load); whole clips to the one with the shortest
@@ -27,7 +27,7 @@ from a2e.errors import A2EError, CheckpointError, ModelOutputError
 from a2e.loudness import LoudnessMode
 from a2e.separation import SeparationUnavailable
 from batching.errors import BatcherStopped, Cancelled, QueueFull
-from server.engine_api import (
+from .protocol import (
     ChunkResult,
     Limits,
     SeparationBusy,
@@ -38,7 +38,7 @@ from server.engine_api import (
     ShuttingDown,
     shown_path,
 )
-from server.settings import Settings
+from runtime.settings import Settings
 
 from .session_ids import engine_of
 from .transport import RING_BYTES, Channel, TransportError, open_channel
@@ -188,7 +188,7 @@ class EngineLink:
 
 
 class EnginePool:
-    """All engines as one ``Engine`` (see server.front)."""
+    """All engines as one ``Engine`` (see engine.protocol)."""
 
     def __init__(self, settings: Settings, paths: list[str]) -> None:
         self.settings = settings

@@ -31,12 +31,12 @@ import numpy as np
 from a2e.errors import A2EError
 from a2e.loudness import LoudnessMode
 from batching import metrics as batch_metrics
-from server.heap import freeze_startup_objects
-from server.logs import configure_logging
-from server.engine_api import ChunkResult
-from server.service import InferenceService, SessionNotFound, StreamChunk
-from server.settings import Settings
+from runtime.heap import freeze_startup_objects
+from runtime.logs import configure_logging
+from runtime.settings import Settings
 
+from .protocol import ChunkResult, SessionNotFound
+from .service import InferenceService, StreamChunk
 from .session_ids import engine_of, session_tag
 from .transport import Channel, TransportError, accept_channel
 

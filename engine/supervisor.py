@@ -20,7 +20,7 @@ import time
 from multiprocessing.process import BaseProcess
 
 from a2e.errors import A2EError
-from server.settings import Settings
+from runtime.settings import Settings
 
 from . import process as engine_process
 

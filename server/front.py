@@ -1,9 +1,10 @@
 """What an HTTP worker holds: decoding threads, bounds on work in progress,
 shutdown draining, and the engine it hands decoded audio to.
 
-The engine is an ``InferenceService`` in this process (``--workers 0``, and
-the tests) or an ``engine.client.EnginePool`` speaking to engine processes;
-both have the same async methods, so the handlers do not know which.
+The engine is an ``engine.service.InferenceService`` in this process
+(``--workers 0``, and the tests) or an ``engine.client.EnginePool`` speaking
+to engine processes; both are an ``engine.protocol.Engine``, so the
+handlers do not know which.
 """
 
 from __future__ import annotations
@@ -12,46 +13,24 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from a2e import audio as audio_io
 from a2e.constants import SAMPLE_RATE
 from a2e.raw_pcm import RawFormat
-from a2e.loudness import LoudnessMode
 
-from .engine_api import ChunkResult, Limits, SessionClosed, SessionOpened, ShuttingDown
-from .sessions import Turn
-from .settings import Settings
+from engine.protocol import ChunkResult, Engine, ShuttingDown
+from runtime.settings import Settings
+
+from .turns import Turn
 
 log = logging.getLogger("a2e.front")
 
 # Vocal isolation works at up to 48 kHz (Demucs resamples to 44.1 kHz anyway).
 SEPARATION_MAX_RATE = 48_000
 T = TypeVar("T")
-
-
-class Engine(Protocol):
-    """What the handlers need of the model side (see server.service.InferenceService)."""
-
-    settings: Settings
-    limits: Limits
-    num_identities: int
-    ready: bool
-    not_ready_reason: str
-
-    def stats(self, detail: bool = False) -> dict[str, Any]: ...
-
-    async def infer_clip(self, audio: np.ndarray, identity: int, **options: Any) -> np.ndarray: ...
-
-    async def open_session(
-        self, identity: int, seed: int | None, mode: str, loudness: LoudnessMode, client: str, tuning: dict | None = None
-    ) -> SessionOpened: ...
-
-    async def stream_chunk(self, session_id: str, audio: np.ndarray) -> ChunkResult: ...
-
-    async def close_session(self, session_id: str) -> SessionClosed | None: ...
 
 
 class Front:

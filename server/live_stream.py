@@ -27,7 +27,7 @@ from a2e import raw_pcm
 from a2e.constants import FPS, SAMPLE_RATE
 
 from . import metrics
-from .engine_api import ChunkResult
+from engine.protocol import ChunkResult
 from .front import Front
 
 

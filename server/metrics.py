@@ -1,7 +1,10 @@
-"""Prometheus metrics of the HTTP layer and sessions (the batcher's are in batching/metrics.py).
+"""Prometheus metrics of the front doors: requests, connections, uploads and
+streams as clients see them, and the one ``/metrics`` view of every process
+(the engine's own series are in ``engine/metrics.py``, the batcher's in
+``batching/metrics.py``).
 
-Session series carry their engine (see batching/metrics.py); gauges sum over
-live processes when several processes share one view (multiprocess mode).
+Gauges sum over live processes when several processes share one view
+(multiprocess mode).
 """
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -13,10 +16,6 @@ LATENCY = Histogram(
     ["endpoint", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
-SESSIONS_ACTIVE = Gauge("a2e_sessions_active", "Open streaming sessions", ["engine"], multiprocess_mode="livesum")
-SESSIONS_EXPIRED = Counter("a2e_sessions_expired_total", "Streaming sessions closed for being idle", ["engine"])
-AUDIO_SECONDS = Counter("a2e_audio_seconds_total", "Seconds of audio animated", ["kind"])
-FRAMES = Counter("a2e_frames_total", "Animation frames produced", ["kind"])
 CONNECTIONS_OPEN = Gauge("a2e_http_connections", "Open HTTP connections", multiprocess_mode="livesum")
 CONNECTIONS_REFUSED = Counter("a2e_http_connections_refused_total", "Connections refused at the connection cap")
 SLOW_CLIENTS_CUT = Counter("a2e_http_slow_clients_closed_total", "Connections closed for sending headers or body too slowly")

@@ -11,7 +11,7 @@ from batching.errors import BatcherStopped, QueueFull
 from engine.client import EngineUnavailable
 
 from .connections import UploadRefused
-from .engine_api import SeparationBusy, SessionLimitReached, SessionNotFound, ShuttingDown
+from engine.protocol import SeparationBusy, SessionLimitReached, SessionNotFound, ShuttingDown
 from .forms import RequestError
 
 Status = tuple[int, str, dict[str, str] | None]

@@ -39,7 +39,7 @@ from a2e.constants import ARKIT_NAMES, FPS, SAMPLE_RATE
 from a2e.errors import AudioError
 
 from . import forms, responses
-from .engine_api import ChunkResult
+from engine.protocol import ChunkResult
 from .front import Front
 from .live_stream import LiveStream, StreamError
 from .routes import client_address, session_options, tuning_options

@@ -4,7 +4,7 @@ import pytest
 
 from a2e.config import model_dims, read_config
 from a2e.errors import ConfigError
-from server.settings import ROOT, Settings, load_settings
+from runtime.settings import ROOT, Settings, load_settings
 
 
 def test_shipped_configs():
@@ -104,7 +104,7 @@ def test_bad_environment_value():
 def test_readme_documents_every_flag():
     from pathlib import Path
 
-    from server.settings import build_parser
+    from runtime.settings import build_parser
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     flags = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]

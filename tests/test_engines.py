@@ -18,8 +18,8 @@ from a2e.audio import load
 from a2e.loudness import LoudnessMode
 from engine.session_ids import engine_of
 from engine.transport import Ring
-from server.service import InferenceService
-from server.settings import Settings
+from engine.service import InferenceService
+from runtime.settings import Settings
 from tests.conftest import speech_like, wav_bytes
 from tests.test_end_to_end import free_port, start, stop
 

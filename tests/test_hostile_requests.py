@@ -15,8 +15,8 @@ from sanic_testing.testing import SanicASGITestClient
 
 from a2e import streaming
 from batching import Cancelled, CancelScope, MicroBatcher
-from server.service import InferenceService
-from server.sessions import Turn
+from engine.service import InferenceService
+from server.turns import Turn
 from tests.conftest import speech_like, wav_bytes
 from tests.test_server import make_app
 
@@ -326,13 +326,14 @@ def test_queue_refuses_work_beyond_its_time_budget():
 
 def test_length_limits_follow_the_model_speed(checkpoint, config_file):
     from batching import ModelRunner
+    from engine.loading import effective_limits
 
     app, service = make_app(checkpoint, config_file, response_timeout_s=2.0, max_batch=2)
     try:
         runner = service.batcher.runner
         slow = SlowRunner(0.05)
         slow.num_identities = runner.num_identities
-        limits = service._effective_limits(slow)  # 20 s of audio per second, 1 s of budget
+        limits = effective_limits(service.settings, slow)  # 20 s of audio per second, 1 s of budget
         assert 10 <= limits.max_audio_s <= 20 and limits.max_chunk_s == service.settings.max_chunk_s
         assert isinstance(runner, ModelRunner)
     finally:

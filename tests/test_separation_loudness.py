@@ -18,8 +18,8 @@ from a2e.audio import rms_volume
 from a2e.backend import TorchBackend
 from a2e.separation import SeparationUnavailable, VocalSeparator
 from app import create_app
-from server.service import InferenceService
-from server.settings import Settings
+from engine.service import InferenceService
+from runtime.settings import Settings
 from tests.conftest import ENGLISH, speech_like, wav_bytes
 
 

@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 from sanic_testing.testing import SanicASGITestClient
 
 from app import create_app
-from server.service import InferenceService
-from server.settings import Settings
+from engine.service import InferenceService
+from runtime.settings import Settings
 from tests.conftest import ENGLISH, MP3_AS_WAV, speech_like, wav_bytes
 
 

@@ -80,7 +80,7 @@ def test_every_export_format_reads_back_as_the_json(server):
 
 def test_openapi_is_valid_and_in_step_with_the_routes(server):
     from app import create_app
-    from server.settings import Settings
+    from runtime.settings import Settings
 
     url, _, _ = server
     spec = requests.get(url + "/openapi.json").json()

@@ -29,7 +29,7 @@ from a2e.constants import FPS
 from a2e.errors import AudioError
 from batching.errors import QueueFull
 
-from ..engine_api import ChunkResult, SessionLimitReached
+from engine.protocol import ChunkResult, SessionLimitReached
 from ..front import Front
 from ..live_stream import LiveStream, StreamError
 from ..routes import session_options

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sanic import Sanic
 
 from ..front import Front
-from ..settings import Settings
+from runtime.settings import Settings
 from . import protocol
 from .audio_stream import AudioStreamCall
 

@@ -1,15 +1,25 @@
-"""What an engine answers, and the errors it raises: the types the HTTP side
-and the model side share. Light on purpose (no torch): HTTP worker processes
-import this, never the model.
+"""What a front door and an engine exchange: the ``Engine`` interface the
+handlers call, the answers it gives, and the errors it raises.
+
+It owns the words of that conversation, not either side of it: the engine
+(``engine.service``) and the worker's link to engine processes
+(``engine.client``) both speak it, and the front doors (``server/``) read
+it. Light on purpose (no torch): HTTP worker processes import this, never
+the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from a2e.errors import A2EError
+from a2e.loudness import LoudnessMode
+
+if TYPE_CHECKING:
+    from runtime.settings import Settings
 
 
 class SeparationBusy(A2EError):
@@ -68,3 +78,26 @@ def shown_path(path: str | None, detail: bool) -> str | None:
     if path is None or detail:
         return path
     return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+class Engine(Protocol):
+    """What the front doors need of the model side: an ``InferenceService`` in
+    the same process (``--workers 0``) or an ``EnginePool`` of engine processes."""
+
+    settings: "Settings"
+    limits: Limits
+    num_identities: int
+    ready: bool
+    not_ready_reason: str
+
+    def stats(self, detail: bool = False) -> dict[str, Any]: ...
+
+    async def infer_clip(self, audio: np.ndarray, identity: int, **options: Any) -> np.ndarray: ...
+
+    async def open_session(
+        self, identity: int, seed: int | None, mode: str, loudness: LoudnessMode, client: str, tuning: dict | None = None
+    ) -> SessionOpened: ...
+
+    async def stream_chunk(self, session_id: str, audio: np.ndarray) -> ChunkResult: ...
+
+    async def close_session(self, session_id: str) -> SessionClosed | None: ...

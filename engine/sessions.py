@@ -1,18 +1,14 @@
-"""Streaming sessions: creation, lookup, idle expiry, caps on their number
-(in all and per client address), and strict per-session ordering of chunks.
+"""The session store of one engine: streaming sessions' creation, lookup,
+idle expiry and caps on their number (in all and per client address).
 
-An engine applies a session's chunks one at a time, in submission order
-(``Session.waiting``, see ``server.service``). An HTTP worker keeps the
-order in which chunks arrived while it decodes them in parallel with
-``Turn``: turns form a chain, each waiting for the one before it. A turn
-whose request fails, or is cancelled while it waits, passes on to the next
-one as soon as the one before it is over, so one client that hangs up never
-blocks the chunks behind it.
+A ``Session`` holds its model-side state (``a2e.streaming.StreamState``) and
+the chunks waiting to be applied to it; the store does not apply chunks
+(``engine.streams`` does, one at a time, in submission order) and knows
+nothing of how a chunk reached the engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections import deque
@@ -22,40 +18,9 @@ from typing import Any
 
 from a2e.streaming import StreamState
 
-from .engine_api import SessionLimitReached
+from .protocol import SessionLimitReached
 
-__all__ = ["Session", "SessionLimitReached", "SessionStore", "Turn"]
-
-
-class Turn:
-    """One chunk's place in its session's order."""
-
-    def __init__(self, previous: asyncio.Future | None, mine: asyncio.Future) -> None:
-        self._previous = previous
-        self._mine = mine
-
-    async def __aenter__(self) -> "Turn":
-        if self._previous is not None and not self._previous.done():
-            try:
-                await asyncio.shield(self._previous)
-            except asyncio.CancelledError:
-                self.skip()  # passes on once the one before is over
-                raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._finish()
-
-    def skip(self) -> None:
-        """Give the turn up without taking it (the chunk failed before its turn)."""
-        if self._previous is None or self._previous.done():
-            self._finish()
-        else:
-            self._previous.add_done_callback(lambda _: self._finish())
-
-    def _finish(self) -> None:
-        if not self._mine.done():
-            self._mine.set_result(None)
+__all__ = ["Session", "SessionLimitReached", "SessionStore"]
 
 
 @dataclass
