@@ -1,7 +1,7 @@
 # CPU image of the LAM-A2E server: HTTP on 8000, Audio2Face-3D gRPC on 52000.
 #   docker build -t lam-a2e .
 #   docker run -p 8000:8000 -p 52000:52000 lam-a2e
-#   (LAM-A2E weights: -v /path/to/pretrained_models:/app/pretrained_models/lam; --weight /app/pretrained_models/lam/...)
+#   (LAM-A2E weights: --build-arg WEIGHTS=hf://3DAIGC/LAM_audio2exp bakes them in; or mount a file and pass --weight PATH)
 # BASE: any Debian bookworm image with python3 (3.11) and python3-venv.
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
@@ -25,6 +25,13 @@ COPY server ./server
 COPY configs ./configs
 COPY pretrained_models ./pretrained_models
 RUN pip install .
+# The released LAM-A2E model baked into the image (else a2e-lite serves):
+#   docker build --build-arg WEIGHTS=hf://3DAIGC/LAM_audio2exp ...
+# downloads, verifies and converts it at build time into HF_HOME; the server
+# finds it there at start, without the network (HF_HUB_OFFLINE=1 for air gaps).
+ARG WEIGHTS=
+ENV HF_HOME=/app/.cache/huggingface A2E_WEIGHT=${WEIGHTS}
+RUN if [ -n "$WEIGHTS" ]; then python3 -m a2e.hub fetch "$WEIGHTS"; fi
 
 RUN useradd --system --home /app a2e && chown -R a2e /app
 USER a2e

@@ -246,6 +246,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    from engine.loading import fetch_hub_weights  # torch: the main process only, never an HTTP worker's import
+
+    try:
+        # hf:// weights: fetched once here, before any engine starts (a
+        # SIGTERM meanwhile stops the download at once; it resumes next time).
+        settings = fetch_hub_weights(settings)
+    except A2EError as exc:
+        log.error("cannot start: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Sanic installs its SIGTERM handler only once serving; a SIGTERM before
     # that (loading, starting engines, binding) would kill the process
     # outright. Until then, note it and stop cleanly as soon as possible.

@@ -6,6 +6,7 @@ It owns the choice of weights and the start-up measurement; it does not
 start the batcher or serve anything (``engine.service`` does). Missing
 weights are not an error here: the engine then serves not-ready (503), as
 the API document describes, unless the user named a file that is not there.
+Weights named ``hf://...`` are fetched into a local file first (``a2e.hub``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from a2e.checkpoint import load_model
 from a2e.config import model_dims, read_config
 from a2e.constants import WINDOW_SAMPLES
 from a2e.errors import CheckpointError
+from a2e.hub import RELEASED, is_hub_uri
 from a2e.lite import load_lite
 from batching import ModelRunner
 from batching.stub import StubRunner
@@ -62,6 +64,25 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def _config(s: Settings) -> dict:
+    config_path = s.resolve(s.config_file)
+    return read_config(config_path) if config_path and config_path.exists() else {}
+
+
+def fetch_hub_weights(s: Settings) -> Settings:
+    """The settings with ``hf://`` weights (flag, environment or config file)
+    fetched into a verified local file: downloaded and converted on first
+    use, from the cache afterwards. Raises CheckpointError (a2e.hub.HubError)
+    with the manual steps when they cannot be had; never falls back."""
+    weight = s.weight or _config(s).get("weight")
+    if s.model not in ("auto", "lam") or not is_hub_uri(weight):
+        return s
+    from a2e import hub
+
+    path = hub.fetch(weight, model_dims(_config(s), base_dir=ROOT))
+    return replace(s, weight=str(path), sources={**s.sources, "weight": s.sources.get("weight", "file")})
+
+
 def load_runner(s: Settings) -> Loaded:
     """Load the weights named by the settings. Missing weights give a
     ``Loaded`` without a runner (the server still starts); a file that is
@@ -69,8 +90,8 @@ def load_runner(s: Settings) -> Loaded:
     CheckpointError."""
     if s.model == "stub":
         return Loaded(StubRunner(), ModelInfo("stub", "", "cpu", "fp32", StubRunner.num_identities, 0, "stub"))
-    config_path = s.resolve(s.config_file)
-    config = read_config(config_path) if config_path and config_path.exists() else {}
+    s = fetch_hub_weights(s)
+    config = _config(s)
     lam_weights = s.resolve(s.weight or config.get("weight"))
     lite_weights = s.resolve(s.lite_weight)
     lam_there = lam_weights is not None and lam_weights.exists()
@@ -82,12 +103,14 @@ def load_runner(s: Settings) -> Loaded:
         )
     weights = lite_weights if use_lite else lam_weights
     if weights is None or not weights.exists():
+        hint = "" if use_lite else f"; to download the released LAM-A2E model, start with --weight {RELEASED}"
         log.warning(
             "no model weights found at %s; serving without a model (inference answers 503). "
-            "See pretrained_models/README.md",
+            "See pretrained_models/README.md%s",
             weights or "(none configured)",
+            hint,
         )
-        return Loaded(None, None, f"no model weights found at {weights.name if weights else '(none configured)'}")
+        return Loaded(None, None, f"no model weights found at {weights.name if weights else '(none configured)'}{hint}")
     if s.cpu_threads > 0:
         torch.set_num_threads(s.cpu_threads)
     device = resolve_device(s.device)

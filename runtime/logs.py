@@ -37,3 +37,6 @@ def configure_logging(level: str = "info") -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+    # The hub client's HTTP library logs every request at info; a2e.hub tells what matters.
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

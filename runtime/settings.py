@@ -28,7 +28,7 @@ class Settings:
     host: str = field(default="0.0.0.0", metadata={"help": "address to bind"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     config_file: str = field(default=DEFAULT_CONFIG, metadata={"help": "model config file (upstream-style Python, never executed)"})
-    weight: str | None = field(default=None, metadata={"help": "model weights (.tar/.pth pickle or .safetensors); overrides the config file"})
+    weight: str | None = field(default=None, metadata={"help": "model weights: a file (.tar/.pth pickle or .safetensors), or hf://OWNER/REPO[@REVISION][/FILE] from the Hugging Face Hub (hf://3DAIGC/LAM_audio2exp: the released model, downloaded once and cached); overrides the config file"})
     model: str = field(default="auto", metadata={"help": "auto (LAM-A2E when its weights are there, else a2e-lite), lam, a2e-lite, or stub (constant frames, for measuring the server)"})
     lite_weight: str = field(default="pretrained_models/a2e-lite.safetensors", metadata={"help": "a2e-lite weights (shipped)"})
     log_level: str = field(default="info", metadata={"help": "one of " + ", ".join(LOG_LEVELS)})
@@ -156,6 +156,7 @@ class Settings:
 
 _TYPES = {name: kind for name, kind in get_type_hints(Settings).items() if name != "sources"}
 _SETTINGS = [f for f in fields(Settings) if not f.metadata.get("internal")]
+_OPTIONAL = {f.name for f in _SETTINGS if f.default is None}
 
 
 def _parse_bool(text: str) -> bool:
@@ -171,6 +172,8 @@ def _coerce(name: str, value: Any) -> Any:
     kind = _TYPES[name]
     if value is None:
         return None
+    if value == "" and name in _OPTIONAL:
+        return None  # A2E_WEIGHT= (an empty variable, e.g. an image's unset build argument) means not set
     try:
         if kind is bool:
             return value if isinstance(value, bool) else _parse_bool(str(value))

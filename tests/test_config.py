@@ -109,3 +109,10 @@ def test_readme_documents_every_flag():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     flags = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]
     assert [f for f in flags if f"`{f}`" not in readme] == []
+
+
+def test_an_empty_variable_leaves_an_optional_setting_unset():
+    """An image's unset build argument ends up as A2E_WEIGHT= : no weights given, not a missing file."""
+    settings = load_settings([], {"A2E_WEIGHT": ""})
+    assert settings.weight is None and not settings.weight_is_explicit
+    assert load_settings([], {"A2E_WEIGHT": "hf://3DAIGC/LAM_audio2exp"}).weight_is_explicit

@@ -298,6 +298,7 @@ async def test_not_ready_without_weights(tmp_path, config_file):
     assert res.status == 200 and res.json["status"] == "not_ready" and res.json["model_loaded"] is False
     _, res = await client.post("/api/infer", files={"audio_file": ("a.wav", one_second_wav())})
     assert res.status == 503 and "Model not loaded" in res.json["detail"]
+    assert "--weight hf://3DAIGC/LAM_audio2exp" in res.json["detail"]  # the way to the released model
     _, res = await client.post("/api/infer_stream_init", json={})
     assert res.status == 503
     _, res = await client.post("/api/infer_stream_chunk", data={"session_id": "x"}, files={"audio_chunk": ("c.wav", one_second_wav())})
