@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 from sanic import Sanic
 from sanic.exceptions import PayloadTooLarge, RequestCancelled, SanicException
@@ -47,6 +48,7 @@ from server.ace_grpc.listener import serve_grpc
 from server.demo_page import bp as demo_bp
 from server.openapi import bp as openapi_bp
 from server.statuses import status_of
+from server.stopping import StoppableSanic, stop_manager_whenever_asked
 from server.front import Front
 from runtime.heap import freeze_startup_objects
 from runtime.logs import configure_logging
@@ -124,11 +126,13 @@ def _internal_error(request: Request, exc: Exception, exc_info: bool) -> HTTPRes
     return responses.error(500, f"internal error (request id {request_id}); the server log has the details")
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> Sanic:
+def create_app(settings: Settings, engine: Engine | None = None, early_stop: Sequence[int] = ()) -> Sanic:
     """The Sanic app for ``settings``, handing work to ``engine``: an
     InferenceService in this process (made and loaded at start when not
-    given) or an EnginePool of engine processes."""
-    app = Sanic(f"lam_a2e_{next(_app_ids)}", configure_logging=False, request_class=BoundedRequest)
+    given) or an EnginePool of engine processes. ``early_stop``: signals
+    this process received before serving (it stops once serving)."""
+    app = StoppableSanic(f"lam_a2e_{next(_app_ids)}", configure_logging=False, request_class=BoundedRequest)
+    app.stop_whenever_asked(early_stop)
     app.config.REQUEST_MAX_SIZE = settings.max_upload_bytes
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.KEEP_ALIVE_TIMEOUT = settings.keep_alive_timeout_s
@@ -272,9 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings, service)
+    app = create_app(settings, service, early_stop)
     serve_grpc(app, settings)
-    _stop_if_asked_early(app, early_stop)
 
     @app.after_server_start
     async def say_where(app: Sanic) -> None:
@@ -293,14 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     service.close()
     return 0
-
-
-def _stop_if_asked_early(app: Sanic, early_stop: list[int]) -> None:
-    @app.after_server_start
-    async def stop_if_asked_early(app: Sanic) -> None:
-        if early_stop:
-            log.info("SIGTERM received during start-up: stopping")
-            app.stop()
 
 
 def worker_app(settings: Settings, engine_paths: list[str]) -> Sanic:
@@ -356,8 +351,7 @@ def _serve_with_engines(settings: Settings, early_stop: list[int]) -> int:
     @app.main_process_ready
     async def supervise(app: Sanic) -> None:
         watch_workers(app, stopping)
-        if early_stop:
-            app.stop()
+        stop_manager_whenever_asked(app.manager, early_stop)
 
     @app.main_process_stop
     async def stop_supervising(app: Sanic) -> None:
