@@ -47,6 +47,7 @@ from server.stream_socket import bp as stream_bp
 from server.ace_grpc.listener import serve_grpc
 from server.demo_page import bp as demo_bp
 from server.openapi import bp as openapi_bp
+from server.ports import check_free
 from server.statuses import status_of
 from server.stopping import StoppableSanic, stop_manager_whenever_asked
 from server.front import Front
@@ -250,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    from engine.loading import fetch_hub_weights  # torch: the main process only, never an HTTP worker's import
-
     try:
+        # Another server on our ports: said at once, before anything is loaded or downloaded.
+        check_free(settings.host, settings.port, "HTTP", "--port")
+        check_free(settings.host, settings.grpc_port, "Audio2Face-3D gRPC", "--grpc-port (0 turns gRPC off)")
+        from engine.loading import fetch_hub_weights  # torch: the main process only, never an HTTP worker's import
+
         # hf:// weights: fetched once here, before any engine starts (a
         # SIGTERM meanwhile stops the download at once; it resumes next time).
         settings = fetch_hub_weights(settings)
@@ -302,7 +306,7 @@ def worker_app(settings: Settings, engine_paths: list[str]) -> Sanic:
     """The app of one HTTP worker process: it reaches the engines through their sockets."""
     configure_logging(settings.log_level)
     app = create_app(settings, EnginePool(settings, engine_paths))
-    serve_grpc(app, settings)
+    serve_grpc(app, settings, share_port=True)  # the main process checked the port was free
     return app
 
 

@@ -176,6 +176,7 @@ def _schemas() -> dict[str, Any]:
             "status": {"type": "string", "enum": ["healthy", "not_ready"]}, "model_loaded": {"type": "boolean"},
             "gpu_available": {"type": "boolean"}, "sessions": {"type": "integer"}, "model": {"type": "object"},
             "limits": {"type": "object"}, "engines": {"type": "array", "items": {"type": "object"}},
+            "grpc_port": {"type": "integer", "description": "port of the Audio2Face-3D gRPC API (0: off)"},
         }},  # fmt: skip
     }
 

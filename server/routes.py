@@ -135,6 +135,7 @@ async def health(request: Request) -> HTTPResponse:
         "vocal_isolation": stats["vocal_isolation"],
         "draining": front.draining or stats["draining"],
         "loudness": {"default": s.loudness, "target_lufs": s.loudness_target_lufs},
+        "grpc_port": s.grpc_port,  # Audio2Face-3D's gRPC API; 0: off
     }
     if "engines" in stats:
         body["engines"] = stats["engines"]

@@ -3,8 +3,10 @@ standard health service (``grpc.health.v1``), on ``--grpc-port``.
 
 It runs on the worker's own event loop, beside Sanic, and hands work to the
 worker's front like the HTTP handlers. With several workers each binds the
-port with SO_REUSEPORT (gRPC's default on Linux), so the kernel spreads
-connections over them as it does HTTP's.
+port with SO_REUSEPORT, so the kernel spreads connections over them as it
+does HTTP's; the main process has made sure the port was free before
+(``server.ports``). A server without workers binds it alone: a second
+server on the same port then fails to start instead of sharing it.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class A2FController(protocol.services.A2FControllerServiceServicer):
 
 
 class GrpcListener:
-    def __init__(self, front: Front, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(self, front: Front, host: str, port: int, max_message_bytes: int, share_port: bool) -> None:
         self.front = front
+        self.share_port = share_port
         self.address = f"{'[::]' if host in ('0.0.0.0', '::', '') else host}:{port}"
         self.max_message_bytes = max_message_bytes
         self.server: grpc.aio.Server | None = None
@@ -50,7 +53,7 @@ class GrpcListener:
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.so_reuseport", 1),
+                ("grpc.so_reuseport", 1 if self.share_port else 0),
             ]
         )
         protocol.services.add_A2FControllerServiceServicer_to_server(A2FController(self.front), self.server)
@@ -85,16 +88,17 @@ class GrpcListener:
             self.server = None
 
 
-def serve_grpc(app: Sanic, settings: Settings, port: int | None = None) -> None:
+def serve_grpc(app: Sanic, settings: Settings, share_port: bool = False, port: int | None = None) -> None:
     """Run the gRPC API beside ``app`` while it serves (``port`` overrides
-    ``settings.grpc_port``; 0 there means off)."""
+    ``settings.grpc_port``; 0 there means off). ``share_port``: one of
+    several HTTP workers of one server, which share the port."""
     port = settings.grpc_port if port is None else port
     if not port:
         return
 
     @app.before_server_start
     async def start_grpc(app: Sanic) -> None:
-        app.ctx.grpc = GrpcListener(app.ctx.front, settings.host, port, settings.max_upload_bytes)
+        app.ctx.grpc = GrpcListener(app.ctx.front, settings.host, port, settings.max_upload_bytes, share_port)
         await app.ctx.grpc.start()
 
     @app.before_server_stop
