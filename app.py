@@ -39,6 +39,7 @@ from server.connections import (
     GuardedHttpProtocol,
     UploadBudget,
     max_connections_allowed,
+    raise_open_files_limit,
     release_upload,
 )
 from server.forms import RequestError
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    raise_open_files_limit()  # before any worker or engine starts: they inherit it
     try:
         # Another server on our ports: said at once, before anything is loaded or downloaded.
         check_free(settings.host, settings.port, "HTTP", "--port")

@@ -10,8 +10,11 @@ byte a second holds a connection (and its buffer) forever. Here:
   and arrive at ``body_min_rate_kb`` KiB/s on average after that much grace;
 * past a deadline the client gets 408 and the connection is closed, and
   aborted a second later if the client still does not let go;
-* connections beyond ``max_connections`` (kept below the process's
-  open-files limit) get 503 and are closed at once;
+* at ``max_connections`` (kept below the process's open-files limit, whose
+  soft value start-up raises to the hard one) a new connection closes the
+  oldest idle one (keep-alive, or never used), so an admin's health check
+  gets through 1,000 idle sockets; only when none is idle does it get 503
+  and is closed at once;
 * a body is read only when its declared size fits the upload memory budget
   (503 + Retry-After otherwise), and its share is returned when the request
   ends, however it ends;
@@ -41,8 +44,11 @@ log = logging.getLogger("a2e.connections")
 
 CHECK_INTERVAL_S = 0.5
 ABORT_AFTER_S = 1.0
-# File descriptors kept free for the model, logs, and the listening socket.
-RESERVED_FDS = 64
+# File descriptors kept free for the model, logs, the listening sockets, and
+# idle connections being closed to make room (a burst of accepts at the cap).
+RESERVED_FDS = 256
+# A soft limit raised to an unlimited hard one stops here (the kernel's usual nr_open).
+MAX_RAISED_FDS = 1 << 20
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"retry-after: 1\r\ncontent-length: 64\r\n\r\n"
@@ -56,6 +62,23 @@ class ConnectionLimits:
     header_timeout_s: float
     body_idle_timeout_s: float
     body_min_rate: float  # bytes per second
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft open-files limit to the hard one (children inherit it):
+    a soft limit of 1,024 is one idle client with 1,000 sockets away from
+    refusing everyone. Logs both."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_RAISED_FDS if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open files: could not raise the soft limit %d towards %s: %s", soft, hard, exc)
+            return
+    new_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    log.info("open files: soft limit %s (was %s), hard limit %s", new_soft, soft,
+             "unlimited" if hard == resource.RLIM_INFINITY else hard)  # fmt: skip
 
 
 def max_connections_allowed(wanted: int) -> int:
@@ -152,7 +175,7 @@ class GuardedHttpProtocol(WebSocketProtocol):
         self._stage_since = time.monotonic()
         self._aborting = False
         limits: ConnectionLimits = self.app.ctx.connection_limits
-        if len(self.connections) >= limits.max_connections:
+        if len(self.connections) >= limits.max_connections and not self._close_oldest_idle():
             self._refused = True
             metrics.CONNECTIONS_REFUSED.inc()
             transport.write(_REFUSED)
@@ -161,6 +184,24 @@ class GuardedHttpProtocol(WebSocketProtocol):
         super().connection_made(transport)
         metrics.CONNECTIONS_OPEN.set(len(self.connections))
         self._guard_timer = self.loop.call_later(CHECK_INTERVAL_S, self._check_deadlines)
+
+    def _close_oldest_idle(self) -> bool:
+        """Make room at the cap: close the connection idle for longest (no
+        request in progress, not a WebSocket); False when there is none."""
+        oldest = None
+        for conn in self.connections:
+            transport = conn.transport
+            if transport is None or transport.is_closing() or getattr(conn, "websocket", None) is not None:
+                continue
+            if conn.http is not None and conn.http.stage.name != "IDLE":
+                continue
+            if oldest is None or conn._time < oldest._time:
+                oldest = conn
+        if oldest is None:
+            return False
+        oldest.close_if_idle()
+        metrics.IDLE_CLOSED_AT_CAP.inc()
+        return True
 
     def connection_lost(self, exc) -> None:
         if self._refused:

@@ -17,7 +17,10 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
 CONNECTIONS_OPEN = Gauge("a2e_http_connections", "Open HTTP connections", multiprocess_mode="livesum")
-CONNECTIONS_REFUSED = Counter("a2e_http_connections_refused_total", "Connections refused at the connection cap")
+CONNECTIONS_REFUSED = Counter("a2e_http_connections_refused_total", "Connections refused at the connection cap (none was idle)")
+IDLE_CLOSED_AT_CAP = Counter(
+    "a2e_http_idle_connections_closed_total", "Idle connections closed to make room for a new one at the connection cap"
+)
 SLOW_CLIENTS_CUT = Counter("a2e_http_slow_clients_closed_total", "Connections closed for sending headers or body too slowly")
 UPLOAD_BYTES_HELD = Gauge(
     "a2e_http_upload_bytes", "Request body bytes admitted to memory (upload budget in use)", multiprocess_mode="livesum"

@@ -111,6 +111,8 @@ def test_a_trickling_body_is_cut_off(server):
 def test_connections_beyond_the_cap_are_refused_and_the_server_recovers(server):
     held = [connect(server) for _ in range(MAX_CONNECTIONS)]
     try:
+        for sock in held:
+            sock.sendall(b"GET /api/health HTTP/1.1\r\n")  # a request in progress: not idle
         time.sleep(0.3)
         extra = connect(server)
         _, got = closed_within(extra, 5)
@@ -120,6 +122,61 @@ def test_connections_beyond_the_cap_are_refused_and_the_server_recovers(server):
             sock.close()
     time.sleep(0.3)
     assert healthy(server)
+
+
+def test_at_the_cap_the_oldest_idle_connection_makes_room(server):
+    held = [connect(server) for _ in range(MAX_CONNECTIONS)]  # idle: never a byte
+    try:
+        time.sleep(0.3)
+        assert healthy(server)  # the admin's check gets through
+        waited, got = closed_within(held[0], 3)
+        assert got == b"" and waited < 3  # the oldest idle one was closed for it
+        for sock in held[1:]:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)  # the others are still open
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_thousand_idle_sockets_under_a_1024_file_limit_lock_nobody_out(tmp_path):
+    """The report: soft open-files limit 1,024 (a common default), 1,000 idle
+    TCP connections, and /api/health was refused. Start-up raises the soft
+    limit to the hard one and says so."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard open-files limit here is {hard}: no room for 1,000 sockets on each side")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))  # this test's own sockets
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--model", "stub", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)),
+        )  # fmt: skip
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(1000)]
+        time.sleep(0.5)
+        res = requests.get(f"http://127.0.0.1:{port}/api/health", timeout=10)
+        assert res.status_code == 200 and res.json()["status"] == "healthy"
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert "open files: soft limit" in log.read_text() and "(was 1024)" in log.read_text()
 
 
 @pytest.mark.parametrize(
