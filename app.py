@@ -223,6 +223,13 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
     @app.on_response
     async def record(request: Request, response: HTTPResponse) -> None:
         release_upload(request)
+        stream = getattr(request, "stream", None)
+        if getattr(stream, "expecting_continue", False):
+            # Answered before the body was asked for (413, 401, 503...): no
+            # "100 Continue" ahead of it, so the client does not send the
+            # body for nothing; and the connection closes, as the body never comes.
+            stream.expecting_continue = False
+            stream.keep_alive = False
         request_id = _request_id(request)
         access.decorate(response, request_id, getattr(request.ctx, "cors_origin", None))
         endpoint = _endpoint(request)

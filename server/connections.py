@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sanic.exceptions import RequestTimeout
+from sanic.exceptions import PayloadTooLarge, RequestTimeout
 from sanic.request import Request
 from sanic.server.protocols.websocket_protocol import WebSocketProtocol
 
@@ -133,6 +133,10 @@ class BoundedRequest(Request):
         # Only Sanic's own server (not ASGI, whose server owns reading) says request_body.
         if budget is not None and getattr(self.stream, "request_body", None):
             declared = self.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.app.config.REQUEST_MAX_SIZE:
+                # Before the first read, which is what sends "100 Continue": a client
+                # that announced the body with Expect gets the 413 without sending it.
+                raise PayloadTooLarge("Request body exceeds the size limit")
             size = int(declared) if declared.isdigit() else int(self.app.config.REQUEST_MAX_SIZE)
             if not budget.acquire(size):
                 metrics.UPLOADS_REFUSED.inc()

@@ -199,6 +199,33 @@ def test_oversized_heads_get_431_or_414(server, head, status):
     assert healthy(server)
 
 
+def test_an_oversized_body_announced_with_expect_gets_413_at_once(server):
+    """No "100 Continue" first: the client would send 60 MiB for nothing."""
+    sock = connect(server)
+    sock.sendall(b"POST /api/infer HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 62914560\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+    waited, got = closed_within(sock, 5)
+    assert got.startswith(b"HTTP/1.1 413"), got[:80]
+    assert b"100 Continue" not in got and b"too large" in got and waited < 5  # and the connection is closed
+
+
+def test_a_body_within_the_limit_announced_with_expect_is_asked_for(server):
+    audio = wav_bytes(speech_like(1.0))
+    body = (b'--a2e-expect\r\nContent-Disposition: form-data; name="audio_file"; filename="a.wav"\r\n\r\n'
+            + audio + b"\r\n--a2e-expect--\r\n")  # fmt: skip
+    sock = connect(server)
+    sock.sendall(b"POST /api/infer HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=a2e-expect\r\n"
+                 b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))  # fmt: skip
+    sock.settimeout(5)
+    assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+    sock.sendall(body)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    sock.close()
+
+
 def test_a_form_of_many_tiny_parts_is_refused_without_freezing_the_server(server):
     parts = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nx\r\n" % i for i in range(20000))
     body = parts + b"--b--\r\n"
