@@ -30,7 +30,13 @@ RETRY_AFTER_FAILURE_S = 300.0
 
 
 class SeparationUnavailable(A2EError):
-    """Vocal isolation cannot run here (library or weights missing)."""
+    """Vocal isolation cannot run here (library or weights missing). Its
+    message is for clients (no paths of the server); ``log_detail`` is for
+    the server's log and may name them."""
+
+    def __init__(self, reason: str, log_detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.log_detail = log_detail or reason
 
 
 class VocalSeparator:
@@ -39,7 +45,7 @@ class VocalSeparator:
         self.model_dir = Path(model_dir) if model_dir else None
         self.device = device
         self._model = None
-        self._failure: tuple[str, float] | None = None
+        self._failure: tuple[SeparationUnavailable, float] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -50,7 +56,7 @@ class VocalSeparator:
             "available": available,
             "model": self.model_name,
             "model_dir": str(self.model_dir) if self.model_dir else None,
-            "detail": self._failure[0] if self._failure else None,
+            "detail": str(self._failure[0]) if self._failure else None,
         }
 
     def load(self):
@@ -59,12 +65,12 @@ class VocalSeparator:
             if self._model is not None:
                 return self._model
             if self._failure and time.monotonic() - self._failure[1] < RETRY_AFTER_FAILURE_S:
-                raise SeparationUnavailable(self._failure[0])
+                raise self._failure[0]
             try:
                 self._model = self._load()
             except SeparationUnavailable as exc:
-                self._failure = (str(exc), time.monotonic())
-                log.warning("vocal isolation unavailable: %s", exc)
+                self._failure = (exc, time.monotonic())
+                log.warning("vocal isolation unavailable: %s", exc.log_detail)
                 raise
             self._failure = None
             log.info("vocal isolation model %r loaded on %s", self.model_name, self.device)
@@ -79,19 +85,23 @@ class VocalSeparator:
                 "install it with: pip install demucs"
             ) from None
         if self.model_dir is not None and not self.model_dir.is_dir():
+            fix = f"set --separation-model-dir to a directory holding {self.model_name}.th (or {self.model_name}.yaml)"
             raise SeparationUnavailable(
-                f"separation model directory {self.model_dir} does not exist; set --separation-model-dir "
-                f"to a directory holding {self.model_name}.th (or {self.model_name}.yaml)"
+                f"the server's separation model directory (--separation-model-dir) does not exist; {fix}",
+                f"separation model directory {self.model_dir} does not exist; {fix}",
             )
         try:
             model = get_model(self.model_name, repo=self.model_dir)
         except SystemExit:  # demucs calls sys.exit on some lookup failures
             model = None
         except Exception as exc:
-            where = f"in {self.model_dir}" if self.model_dir else "online (downloaded on first use) or in a local directory"
+            fix = "Put the model files in a directory and pass --separation-model-dir, or run once with network access"
+            where = "in --separation-model-dir" if self.model_dir else "online (downloaded on first use) or in a local directory"
             raise SeparationUnavailable(
-                f"separation model {self.model_name!r} could not be loaded {where}: {type(exc).__name__}: {exc}. "
-                "Put the model files in a directory and pass --separation-model-dir, or run once with network access"
+                # The exception's own text may name files of the server: the log's only.
+                f"separation model {self.model_name!r} could not be loaded {where} ({type(exc).__name__}). {fix}",
+                f"separation model {self.model_name!r} could not be loaded from {self.model_dir or 'the network'}: "
+                f"{type(exc).__name__}: {exc}. {fix}",
             ) from None
         if model is None:
             raise SeparationUnavailable(f"separation model {self.model_name!r} was not found")

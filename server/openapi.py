@@ -78,6 +78,9 @@ def spec() -> dict[str, Any]:
             "/api/infer": {"post": {
                 "summary": "Animate a whole audio file",
                 "operationId": "infer",
+                "parameters": [{"name": "format", "in": "query", "required": False,
+                                "schema": {"type": "string", "enum": list(exports.FORMATS)},
+                                "description": "the form's format field, given in the query instead"}],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["audio_file"],
                     "properties": {

@@ -144,6 +144,17 @@ async def health(request: Request) -> HTTPResponse:
     return responses.json_response(body)
 
 
+def _export_format(request: Request) -> str:
+    """``format`` as a form field or in the query (``/api/infer?format=csv``, what curl users try first)."""
+    in_form, in_query = forms.form_field(request, "format"), request.args.get("format")
+    if in_form and in_query and in_form.strip().lower() != in_query.strip().lower():
+        raise forms.RequestError(400, f"format is given twice, differently: {in_form!r} in the form, {in_query!r} in the query")
+    value = (in_form or in_query or "json").strip().lower()
+    if value not in exports.FORMATS:
+        raise forms.RequestError(400, f"unknown format {value!r}: the formats are {', '.join(exports.FORMATS)}")
+    return value
+
+
 def _raw_format(request: Request, field: str) -> raw_pcm.RawFormat | None:
     """Headerless PCM the client announces: form fields, else the part's Content-Type."""
     fmt = raw_pcm.from_fields(
@@ -165,7 +176,7 @@ async def infer(request: Request) -> HTTPResponse:
     brow = forms.parse_bool(forms.form_field(request, "brow_movement"), "brow_movement", False)
     seed = forms.parse_int(forms.form_field(request, "seed"), "seed", None, 0, 2**63 - 1)
     loudness = _loudness(forms.form_field(request, "loudness"), front)
-    fmt = forms.parse_str(forms.form_field(request, "format"), "format", "json", tuple(exports.FORMATS))
+    fmt = _export_format(request)
     data = forms.file_field(request, "audio_file")
     raw = _raw_format(request, "audio_file")
     # Holding a slot from decoding to the encoded answer bounds memory (see Front.clip_slot).

@@ -84,6 +84,23 @@ def _app(checkpoint, config_file, **overrides):
     return SanicASGITestClient(create_app(settings, service)), service
 
 
+async def test_ex_vol_unavailable_says_why_without_the_servers_paths(checkpoint, config_file, tmp_path, caplog):
+    hidden = tmp_path / "srv-private-layout" / "empty_demucs"
+    client, service = _app(checkpoint, config_file, separation_model_dir=str(hidden))
+    try:
+        with caplog.at_level("WARNING", logger="a2e.separation"):
+            _, res = await client.post("/api/infer", files={"audio_file": ("a.wav", wav_bytes(mixture(), 44100))},
+                                       data={"ex_vol": "true"})  # fmt: skip
+        assert res.status == 503 and "does not exist" in res.json["detail"]
+        assert "--separation-model-dir" in res.json["detail"]
+        assert "srv-private-layout" not in res.text and str(tmp_path) not in res.text
+        assert str(hidden) in caplog.text  # the operator's log has it
+        _, res = await client.get("/api/health")
+        assert "srv-private-layout" not in res.text
+    finally:
+        service.close()
+
+
 async def test_ex_vol_end_to_end(checkpoint, config_file, demucs_dir, monkeypatch):
     client, service = _app(checkpoint, config_file, separation_model="tinydemucs", separation_model_dir=str(demucs_dir))
 

@@ -75,7 +75,14 @@ def test_every_export_format_reads_back_as_the_json(server):
     lines = infer(url, "ndjson").text.splitlines()
     assert len(lines) == 241 and np.allclose([json.loads(line)["weights"] for line in lines[1:]], want, atol=1e-6)
     bad = requests.post(url + "/api/infer", files={"audio_file": SAMPLE.open("rb")}, data={"format": "fbx"})
-    assert bad.status_code == 422 and "format must be one of" in bad.json()["detail"]
+    assert bad.status_code == 400 and "unknown format 'fbx'" in bad.json()["detail"]
+    assert all(name in bad.json()["detail"] for name in ("json", "json_named", "csv", "gltf", "ndjson"))
+    # the format in the query, as curl users write it first
+    as_query = requests.post(url + "/api/infer?format=csv", files={"audio_file": SAMPLE.open("rb")}, data={"seed": 4})
+    assert as_query.status_code == 200 and as_query.headers["content-type"].startswith("text/csv")
+    assert as_query.text == infer(url, "csv").text
+    bad = requests.post(url + "/api/infer?format=fbx", files={"audio_file": SAMPLE.open("rb")})
+    assert bad.status_code == 400 and "unknown format 'fbx'" in bad.json()["detail"]
 
 
 def test_openapi_is_valid_and_in_step_with_the_routes(server):
