@@ -73,6 +73,7 @@ class Settings:
     stream_hop_s: float = field(default=0.5, metadata={"help": "WebSocket and gRPC streams: run the model once this much new audio has arrived (a WebSocket start message's 'hop' overrides); lower is less latency and more compute"})
     stream_max_buffer_s: float = field(default=10.0, metadata={"help": "WebSocket and gRPC streams: audio a stream may have waiting for the model; beyond it a WebSocket stream is told and closed, a gRPC stream is read no further until the model catches up"})
     grpc_port: int = field(default=52000, metadata={"help": "port of the Audio2Face-3D gRPC API (its clients' default, 52000); 0 turns it off"})
+    grpc_frames_per_message: int = field(default=1, metadata={"help": "Audio2Face-3D gRPC: frames per animation_data message; 1 as Audio2Face-3D sends them (its clients count messages as frames); more for clients that read every frame of a message, at less server CPU per stream"})
     # Where each setting came from (flag, env, file, default-config); not a setting itself.
     sources: dict = field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
     cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -91,7 +92,7 @@ class Settings:
             raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         if self.workers != "auto" and (not self.workers.isdigit()):
             raise ConfigError(f"workers must be auto or a number (0: one process), got {self.workers!r}")
-        for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue", "max_connections", "max_sessions_per_client", "max_concurrent_clips"):
+        for name in ("max_sessions", "max_batch", "max_queue", "io_workers", "separation_queue", "max_connections", "max_sessions_per_client", "max_concurrent_clips", "grpc_frames_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("session_idle_timeout_s", "max_upload_mb", "max_audio_s", "max_chunk_s", "single_pass_max_s", "separation_max_s",

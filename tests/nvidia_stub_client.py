@@ -11,6 +11,7 @@ Prints JSON: names, frame count, weights, echoed audio bytes, final status.
 """
 
 import json
+import math
 import queue
 import sys
 
@@ -65,8 +66,10 @@ def main() -> None:
         take(next(answers))
         for at in range(0, len(pcm), 2 * rate):
             outbox.put(AudioWithEmotionStream(audio_with_emotion=AudioWithEmotion(audio_buffer=pcm[at : at + 2 * rate])))
-            while take(next(answers)) != "animation_data":
-                pass
+            # One animation_data message per frame, as Audio2Face-3D sends them: wait for this audio's frames.
+            sent_s = min(at + 2 * rate, len(pcm)) / 2 / rate  # (pcm is bytes of 16-bit samples)
+            while len(weights) < math.ceil(sent_s * 30 - 1e-9):
+                take(next(answers))
         outbox.put(AudioWithEmotionStream(end_of_audio=AudioWithEmotionStream.EndOfAudio()))
         outbox.put(None)
         for message in answers:

@@ -23,7 +23,7 @@ import soxr
 
 from a2e import audio as audio_io
 from a2e import tuning
-from a2e.constants import channel_index
+from a2e.constants import channel_index, frame_count
 from server import responses
 from server.ace_grpc import protocol as p
 from tests.conftest import ENGLISH
@@ -86,6 +86,7 @@ class Result:
     status: object = None
     code: grpc.StatusCode = grpc.StatusCode.OK
     details: str = ""
+    frames_per_message: list = field(default_factory=list)
 
     @property
     def weights(self) -> np.ndarray:
@@ -112,6 +113,7 @@ def run_stream(target, first, pcm=None, chunk=None, lockstep=False, end=True, ra
                 result.names = list(message.animation_data_stream_header.skel_animation_header.blend_shapes)
                 result.audio_header = message.animation_data_stream_header.audio_header
             elif part == "animation_data":
+                result.frames_per_message.append(len(message.animation_data.skel_animation.blend_shape_weights))
                 for w in message.animation_data.skel_animation.blend_shape_weights:
                     result.frames.append(list(w.values))
                     result.times.append(w.time_code)
@@ -128,7 +130,8 @@ def run_stream(target, first, pcm=None, chunk=None, lockstep=False, end=True, ra
                     take(next(answers))  # the header answer
                 for at in range(0, len(pcm), step):
                     outbox.put(audio_message(pcm[at : at + step]))
-                    if lockstep:
+                    # One message per frame: wait for all the frames this much audio completes.
+                    while lockstep and len(result.frames) < frame_count(min(at + step, len(pcm)), rate):
                         take(next(answers))
             if end:
                 outbox.put(END)
@@ -178,6 +181,28 @@ def test_a_whole_clip_as_the_sample_clients_send_it(server):
     assert r.echo_times == sorted(r.echo_times) and r.echo_times[0] == 0.0
     assert r.parts[0] == "animation_data_stream_header" and r.parts[-2:] == ["event", "status"]
     assert r.status.code == p.status.Status.SUCCESS and "129 frames" in r.status.message
+    # As Audio2Face-3D sends them, and as its clients count them (--print-fps): one frame per message,
+    # each with the input audio of its own 1/30 s.
+    assert r.parts.count("animation_data") == 129 and r.frames_per_message == [1] * 129
+    assert r.echo_times == pytest.approx([round(k * 16000 / 30 + 0.4999) / 16000 for k in range(129)])
+
+
+def test_frames_grouped_per_message_when_the_operator_asks(server):
+    """--grpc-frames-per-message 15: the same frames and audio, in a fifteenth of the messages."""
+    _, target = server
+    pcm = english_s16(4.3)
+    one = run_stream(target, header(ints={"seed": 1}), pcm)
+    port, grpc_port = free_port(), free_port()
+    proc = start(["app.py", "--model", "a2e-lite", "--grpc-port", str(grpc_port), "--grpc-frames-per-message", "15",
+                  "--stream-hop-s", str(HOP)], port, dict(os.environ, A2E_LOG_LEVEL="warning"))  # fmt: skip
+    try:
+        grouped = run_stream(f"127.0.0.1:{grpc_port}", header(ints={"seed": 1}), pcm)
+    finally:
+        stop(proc)
+    assert grouped.code == grpc.StatusCode.OK, grouped.details
+    assert np.array_equal(grouped.weights, one.weights) and bytes(grouped.echoed) == bytes(one.echoed) == pcm.tobytes()
+    assert max(grouped.frames_per_message) == 15 and sum(grouped.frames_per_message) == 129
+    assert len(grouped.frames_per_message) < 129 // 7
 
 
 def test_frames_equal_rest_streaming_of_the_same_chunks(server):
