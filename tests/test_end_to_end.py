@@ -31,15 +31,22 @@ def free_port() -> int:
 def start(args, port, env=None):
     cmd = [sys.executable, *args, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 60
+    wait_until_healthy(proc, port)
+    return proc
+
+
+def wait_until_healthy(proc, port, poll_s=0.2, timeout_s=60.0):
+    """Until /api/health first answers 200 (polled every ``poll_s``, as a readiness probe does)."""
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{proc.stdout.read()}")
+            raise AssertionError(f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}")
         try:
             if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                return proc
+                return
         except (requests.ConnectionError, requests.Timeout):  # with workers, the port opens before they serve
-            time.sleep(0.2)
+            pass
+        time.sleep(poll_s)
     proc.kill()
     raise AssertionError("server did not start")
 

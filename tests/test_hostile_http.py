@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.conftest import speech_like, wav_bytes
-from tests.test_end_to_end import ROOT, free_port, start, stop
+from tests.test_end_to_end import ROOT, free_port, start, stop, wait_until_healthy
 
 HEADER_TIMEOUT_S = 1.0
 BODY_IDLE_S = 1.0
@@ -160,13 +160,7 @@ def test_a_thousand_idle_sockets_under_a_1024_file_limit_lock_nobody_out(tmp_pat
         )  # fmt: skip
     idle: list[socket.socket] = []
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
+        wait_until_healthy(proc, port)
         idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(1000)]
         time.sleep(0.5)
         res = requests.get(f"http://127.0.0.1:{port}/api/health", timeout=10)

@@ -12,9 +12,8 @@ import sys
 import time
 
 import pytest
-import requests
 
-from tests.test_end_to_end import ROOT, free_port
+from tests.test_end_to_end import ROOT, free_port, wait_until_healthy
 
 GRACE_S = 5  # --graceful-shutdown-s: the server must be gone within it (plus process teardown)
 
@@ -27,16 +26,7 @@ def first_healthy_then_sigterm(extra: list[str], delay_s: float) -> tuple[int | 
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.02)  # as a readiness probe polls, only faster
-        else:
-            raise AssertionError("the server did not start")
+        wait_until_healthy(proc, port, poll_s=0.02)  # as a readiness probe polls, only faster
         time.sleep(delay_s)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
