@@ -74,12 +74,13 @@ def fetch_hub_weights(s: Settings) -> Settings:
     fetched into a verified local file: downloaded and converted on first
     use, from the cache afterwards. Raises CheckpointError (a2e.hub.HubError)
     with the manual steps when they cannot be had; never falls back."""
-    weight = s.weight or _config(s).get("weight")
+    config = _config(s)
+    weight = s.weight or config.get("weight")
     if s.model not in ("auto", "lam") or not is_hub_uri(weight):
         return s
     from a2e import hub
 
-    path = hub.fetch(weight, model_dims(_config(s), base_dir=ROOT))
+    path = hub.fetch(weight, model_dims(config, base_dir=ROOT))
     return replace(s, weight=str(path), sources={**s.sources, "weight": s.sources.get("weight", "file")})
 
 
