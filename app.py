@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import socket
 import time
 from collections.abc import Sequence
 
@@ -204,6 +205,8 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
         elif app.ctx.owns_engine:
             front.engine.close()
 
+    node_name = f"{socket.gethostname()}:{settings.port}"
+
     @app.on_request
     async def start_timer(request: Request) -> HTTPResponse | None:
         request.ctx.started = time.perf_counter()
@@ -232,6 +235,7 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
             stream.keep_alive = False
         request_id = _request_id(request)
         access.decorate(response, request_id, getattr(request.ctx, "cors_origin", None))
+        response.headers["X-A2E-Node"] = node_name  # which node answered, behind a balancer
         endpoint = _endpoint(request)
         metrics.REQUESTS.labels(endpoint, request.method, str(response.status)).inc()
         started = getattr(request.ctx, "started", None)
@@ -248,6 +252,7 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
 
 async def _expire_sessions(service) -> None:
     while True:
+        await service.check_state()
         await asyncio.sleep(EXPIRY_INTERVAL_S)
         service.expire_sessions()
 

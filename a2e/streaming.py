@@ -82,7 +82,7 @@ class StreamState:
     previous_volume: np.ndarray | None = None
     frames_sent: int = 0  # frames finished
     frames_planned: int = 0  # frames promised by planned windows (ahead of frames_sent while a chunk runs)
-    samples_received: int = 0  # session audio so far (the continuous mode's frame clock)
+    samples_received: int = 0  # session audio so far (the continuous mode's frame clock; where a resumed stream goes on)
     loudness_mode: LoudnessMode = LoudnessMode.OFF
     loudness: StreamLoudness | None = None  # the session's level estimate, when a mode is on
     tuning: Tuning | None = None  # the session's output tuning (a2e.tuning), None: untouched
@@ -265,12 +265,12 @@ def plan_chunk(state: StreamState, audio: np.ndarray) -> list[ChunkPlan]:
             head = [_ZEROS[:keep]]
         parts = (*head, piece)
         state.context = _extend_context(state.context, piece)
+        state.samples_received += len(piece)
         if state.mode is ContextMode.REFERENCE:
             start = int(WINDOW_FRAMES - len(piece) / SAMPLE_RATE * 30)
             plans.append(ChunkPlan(parts, start, len(piece), volume_gain))
             planned += WINDOW_FRAMES - start
             continue
-        state.samples_received += len(piece)
         due = frame_count(state.samples_received)
         if due > planned:
             plans.append(

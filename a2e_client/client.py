@@ -1,6 +1,12 @@
 """``Client``: one method per endpoint, streaming of files or any iterator of
-audio chunks, retries on 429/503 that honour Retry-After, and sessions that
-are closed whatever happens.
+audio chunks, retries on 429/503 that honour Retry-After and on broken
+connections, and sessions that are closed whatever happens.
+
+Retries never double a chunk: each is sent with its ``chunk_index``, so a
+chunk whose answer was lost (its node died) is answered again, not applied
+twice; and a session's requests carry ``X-Session-Id``, which a balancer can
+hash on to keep them on one node. A WebSocket stream whose connection breaks
+resumes on a new one (with a shared state store on the server).
 
     from a2e_client import Client
     c = Client("http://localhost:8000")
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -22,6 +29,7 @@ from typing import Any, BinaryIO
 import requests
 
 JSON_FORMATS = ("json", "json_named")
+log = logging.getLogger("a2e_client")
 
 
 class ServerError(RuntimeError):
@@ -60,13 +68,23 @@ class Client:
 
     # -- plumbing -------------------------------------------------------------------
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """One request, again after Retry-After (or a short backoff) on 429 and 503."""
+        """One request, again after Retry-After (or a short backoff) on 429,
+        502, 503 and 504, and after a broken connection or a timeout (every request this
+        client makes may be sent twice: chunks carry their number)."""
         for attempt in range(self.retries + 1):
-            res = self.http.request(method, self.url + path, timeout=self.timeout_s, **kwargs)
-            if res.status_code not in (429, 503) or attempt == self.retries:
-                break
-            wait = res.headers.get("Retry-After", "")
-            time.sleep(min(self.max_retry_wait_s, float(wait) if wait.replace(".", "", 1).isdigit() else 0.5 * 2**attempt))
+            try:
+                res = self.http.request(method, self.url + path, timeout=self.timeout_s, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == self.retries:
+                    raise
+                log.info("%s %s: %s; retrying", method, path, type(exc).__name__)
+                wait = ""
+            else:
+                # 502/504: a balancer whose node died under the request.
+                if res.status_code not in (429, 502, 503, 504) or attempt == self.retries:
+                    break
+                wait = res.headers.get("Retry-After", "")
+            time.sleep(min(self.max_retry_wait_s, float(wait) if wait.replace(".", "", 1).isdigit() else 0.25 * 2**attempt))
             for value in kwargs.get("files", {}).values():  # file objects are read again
                 if hasattr(value[1], "seek"):
                     value[1].seek(0)
@@ -141,27 +159,77 @@ class Client:
         return self.stream(pcm_chunks(path, chunk_s), **kwargs)
 
     def stream_websocket(self, chunks: Iterable[bytes], sample_rate: int = 16000, hop: float | None = None,
-                         **options: Any) -> Iterator[dict]:  # fmt: skip
+                         resumes: int = 3, **options: Any) -> Iterator[dict]:  # fmt: skip
         """The same over ``/api/stream`` (one connection; s16le mono PCM at
-        ``sample_rate``): frames as the server sends them."""
+        ``sample_rate``): frames as the server sends them. A connection that
+        breaks is resumed on a new one up to ``resumes`` times (the server
+        needs a shared state store): the audio is sent again from where the
+        session stands, and no frame is given twice or skipped."""
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
         from websockets.sync.client import connect
 
         start = {"type": "start", "sample_rate": sample_rate, **{k: v for k, v in options.items() if v is not None}}
         if hop is not None:
             start["hop"] = hop
         headers = {"X-API-Key": self.http.headers["X-API-Key"]} if "X-API-Key" in self.http.headers else None
-        with connect(self.url.replace("http", "ws", 1) + "/api/stream", additional_headers=headers,
-                     open_timeout=self.timeout_s, max_size=None) as ws:  # fmt: skip
-            ws.send(json.dumps(start))
-            _check_ws(json.loads(ws.recv(self.timeout_s)))
-            for chunk in chunks:
-                ws.send(chunk)
-            ws.send(json.dumps({"type": "end"}))
-            while True:
-                message = _check_ws(json.loads(ws.recv(self.timeout_s)))
-                if message["type"] == "end":
-                    return
-                yield from ({"time": f["time"], "weights": f["weights"]} for f in message["frames"])
+        url = self.url.replace("http", "ws", 1) + "/api/stream"
+        pending = iter(chunks)
+        sent = bytearray()  # the audio so far, sent again from where a resumed session stands
+        session_id, attempt = None, 0
+        received = [0]  # frames given to the caller
+
+        def frames_in(text: str | bytes) -> list[dict]:
+            message = _check_ws(json.loads(text))
+            if message["type"] != "frames":
+                return []
+            fresh = []
+            for i, f in enumerate(message["frames"]):
+                if message["first_frame"] + i == received[0]:  # a frame sent again is skipped
+                    received[0] += 1
+                    fresh.append({"time": f["time"], "weights": f["weights"]})
+            return fresh
+
+        while True:
+            try:
+                with connect(url, additional_headers=headers, open_timeout=self.timeout_s, max_size=None) as ws:
+                    if session_id is None:
+                        ws.send(json.dumps(start))
+                        session_id = _check_ws(json.loads(ws.recv(self.timeout_s)))["session_id"]
+                    else:
+                        ws.send(json.dumps({**start, "type": "resume", "session_id": session_id,
+                                            "frames_received": received[0]}))  # fmt: skip
+                        resumed = _check_ws(json.loads(ws.recv(self.timeout_s)))
+                        at = resumed["audio_samples"] * sample_rate // 16000 * 2
+                        if at < len(sent):
+                            ws.send(bytes(sent[at:]))
+                    for chunk in pending:
+                        sent += chunk
+                        ws.send(chunk)
+                        # Frames as they come (what a broken connection loses is then only what was in flight).
+                        while True:
+                            try:
+                                text = ws.recv(0)
+                            except TimeoutError:
+                                break
+                            yield from frames_in(text)
+                    ws.send(json.dumps({"type": "end"}))
+                    while True:
+                        text = ws.recv(self.timeout_s)
+                        if json.loads(text).get("type") == "end":
+                            return
+                        yield from frames_in(text)
+            except (ConnectionClosed, InvalidHandshake, OSError) as exc:
+                if session_id is None or attempt >= resumes or isinstance(exc, ConnectionClosed) and _told(exc):
+                    raise
+                attempt += 1
+                log.info("stream %s broke (%s); resuming from frame %d", session_id, type(exc).__name__, received[0])
+                time.sleep(min(self.max_retry_wait_s, 0.25 * 2**attempt))
+
+
+def _told(exc: Exception) -> bool:
+    """A close the server chose (policy, overload): not a broken connection to resume."""
+    rcvd = getattr(exc, "rcvd", None)
+    return rcvd is not None and rcvd.code in (1000, 1008, 1011)
 
 
 def _check_ws(message: dict) -> dict:
@@ -178,16 +246,19 @@ class Session:
         self.id: str = opened["session_id"]
         self.opened = opened
         self.audio_seconds = 0.0
+        self.chunks_sent = 0
         self.closed = False
 
     def send(self, chunk: bytes, pcm: bool = False) -> dict:
         """``/api/infer_stream_chunk``: the chunk's answer (the document's JSON).
-        ``pcm``: the chunk is 16 kHz mono s16le PCM (said so, not guessed)."""
-        fields = {"session_id": self.id}
+        ``pcm``: the chunk is 16 kHz mono s16le PCM (said so, not guessed).
+        Sent with its ``chunk_index``: retried, it is answered again, not applied twice."""
+        fields = {"session_id": self.id, "chunk_index": str(self.chunks_sent + 1)}
         if pcm:
             fields.update(sample_rate="16000", encoding="s16le", channels="1")
-        res = self.client._call("POST", "/api/infer_stream_chunk", data=fields,
+        res = self.client._call("POST", "/api/infer_stream_chunk", data=fields, headers={"X-Session-Id": self.id},
                                 files={"audio_chunk": ("chunk", io.BytesIO(chunk))})  # fmt: skip
+        self.chunks_sent += 1
         answer = res.json()
         self.audio_seconds += answer["metadata"].get("audio_length", 0.0)
         return answer
@@ -197,7 +268,7 @@ class Session:
             return None
         self.closed = True
         try:
-            return self.client._call("DELETE", f"/api/infer_stream_close/{self.id}").json()
+            return self.client._call("DELETE", f"/api/infer_stream_close/{self.id}", headers={"X-Session-Id": self.id}).json()
         except ServerError as exc:
             if exc.status == 404:  # expired or lost already: closed all the same
                 return None

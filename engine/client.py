@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import zlib
 from dataclasses import fields
 from typing import Any
 
@@ -28,6 +29,7 @@ from a2e.loudness import LoudnessMode
 from a2e.separation import SeparationUnavailable
 from batching.errors import BatcherStopped, Cancelled, QueueFull
 from .protocol import (
+    ChunkOutOfOrder,
     ChunkResult,
     Limits,
     SeparationBusy,
@@ -35,7 +37,9 @@ from .protocol import (
     SessionLimitReached,
     SessionNotFound,
     SessionOpened,
+    SessionPosition,
     ShuttingDown,
+    StateUnavailable,
     shown_path,
 )
 from runtime.settings import Settings
@@ -59,6 +63,7 @@ _KNOWN = {
         ModelOutputError,
         Cancelled,
         CheckpointError,
+        StateUnavailable,
     )
 }
 
@@ -79,6 +84,8 @@ def rebuild_error(reply: dict[str, Any]) -> Exception:
         exc = QueueFull(0, reply.get("retry_after", 1.0))
         exc.args = (message,)
         return exc
+    if name == "ChunkOutOfOrder":
+        return ChunkOutOfOrder(message, reply.get("expected_chunk_index"))
     cls = _KNOWN.get(name)
     return cls(message) if cls is not None else RemoteError(f"{name}: {message}")
 
@@ -267,6 +274,10 @@ class EnginePool:
         model = base.get("model")
         if model is not None:
             model = {**model, "weights": shown_path(model.get("weights"), detail)}
+        states = [link.stats["state"] for link in self.links if link.up and link.stats.get("state")]
+        state = dict(states[0]) if states else None
+        if state is not None:  # reachable only if every engine reaches it
+            state["reachable"] = all(st.get("reachable") for st in states) if all(st.get("reachable") is not None for st in states) else None
         separation = dict(base.get("vocal_isolation") or {"available": None})
         separation["model_dir"] = shown_path(separation.get("model_dir"), detail)
         return {
@@ -276,6 +287,7 @@ class EnginePool:
             "limits": base.get("limits") or {"max_audio_s": self.settings.max_audio_s,
                                              "max_chunk_s": self.settings.max_chunk_s, "audio_s_per_s": None},
             "sessions": sum(e["sessions"] for e in engines),
+            "state": state,
             "queue_windows": sum(e["queue_windows"] for e in engines),
             "vocal_isolation": separation,
             "draining": any(link.stats.get("draining") for link in self.links if link.up),
@@ -293,6 +305,13 @@ class EnginePool:
         return min(rotated, key=lambda link: link.load.get(key, 0))
 
     def _route(self, session_id: str) -> EngineLink:
+        if self.settings.shared_state:
+            # Any engine can serve the session; the same one each time keeps
+            # its copy of the state current (one version check, no state read).
+            up = [link for link in self.links if link.up]
+            if not up:
+                raise EngineUnavailable("no engine is reachable (restarting); retry shortly")
+            return up[zlib.crc32(session_id.encode()) % len(up)]
         origin = engine_of(session_id)
         if origin is None or origin[0] >= len(self.links):
             raise SessionNotFound(f"Session not found: {session_id} (unknown, closed or expired)")
@@ -331,9 +350,16 @@ class EnginePool:
         reply, _ = await self._pick("sessions").call("open", header)
         return SessionOpened(reply["session_id"], reply["context_mode"], reply["loudness"])
 
-    async def stream_chunk(self, session_id: str, audio: np.ndarray) -> ChunkResult:
-        reply, out = await self._route(session_id).call("chunk", {"session": session_id}, [audio])
+    async def stream_chunk(self, session_id: str, audio: np.ndarray, chunk_index: int | None = None) -> ChunkResult:
+        header = {"session": session_id, "chunk_index": chunk_index}
+        reply, out = await self._route(session_id).call("chunk", header, [audio])
         return ChunkResult(out[0], reply["chunk_index"], reply["audio_seconds"], reply["start_time"], reply["context_mode"])
+
+    async def session_position(self, session_id: str) -> SessionPosition:
+        reply, out = await self._route(session_id).call("position", {"session": session_id})
+        last = reply.get("last")
+        answer = None if last is None else ChunkResult(out[0], **last)
+        return SessionPosition(reply["chunks"], reply["frames"], reply["samples"], reply["context_mode"], answer)
 
     async def close_session(self, session_id: str) -> SessionClosed | None:
         try:

@@ -50,6 +50,9 @@ def error_reply(request_id: int, exc: BaseException) -> dict[str, Any]:
     retry = getattr(exc, "retry_after_s", None)
     if retry is not None:
         reply["retry_after"] = float(retry)
+    expected = getattr(exc, "expected_chunk_index", None)
+    if expected is not None:
+        reply["expected_chunk_index"] = expected
     return reply
 
 
@@ -115,7 +118,7 @@ class EngineServer:
 
         try:
             self._check_session(h["session"])
-            chunks[rid] = self.service.submit_chunk(h["session"], arrays[0], reply)
+            chunks[rid] = self.service.submit_chunk(h["session"], arrays[0], reply, h.get("chunk_index"))
         except Exception as exc:
             reply(exc)
 
@@ -191,11 +194,21 @@ class EngineServer:
                 loudness=LoudnessMode(h["loudness"]),
             )
             return {}, [frames]
+        if op == "position":
+            p = await s.session_position(h["session"])
+            reply = {"chunks": p.chunks, "frames": p.frames, "samples": p.samples, "context_mode": p.context_mode}
+            if p.last is None:
+                return reply, []
+            reply["last"] = {"chunk_index": p.last.chunk_index, "audio_seconds": p.last.audio_seconds,
+                             "start_time": p.last.start_time, "context_mode": p.last.context_mode}  # fmt: skip
+            return reply, [p.last.frames]
         if op == "stats":
             return {"stats": self.stats()}, []
         raise ValueError(f"unknown operation {op!r}")
 
     def _check_session(self, session_id: str) -> None:
+        if self.service.settings.shared_state:
+            return  # any engine serves any session: its state is in the shared store
         origin = engine_of(session_id)
         if origin is not None and origin[0] == self.index and origin[1] != self.generation % 256:
             raise SessionNotFound(f"session lost: its engine restarted ({session_id}); open a new session")
@@ -203,6 +216,7 @@ class EngineServer:
 
 async def _expire(service: InferenceService) -> None:
     while True:
+        await service.check_state()
         await asyncio.sleep(EXPIRY_INTERVAL_S)
         service.expire_sessions()
 

@@ -72,6 +72,35 @@ class SessionLimitReached(A2EError):
     """Too many open sessions, in all or for one client."""
 
 
+class ChunkOutOfOrder(A2EError):
+    """A numbered chunk the session cannot take now: ahead of the one it
+    expects, or an old one whose answer is no longer kept, or a chunk number
+    already applied with other audio. Says which chunk the session expects."""
+
+    def __init__(self, message: str, expected: int | None = None) -> None:
+        super().__init__(message)
+        self.expected_chunk_index = expected
+
+
+class StateUnavailable(A2EError):
+    """The shared session store cannot be reached now; the chunk was not
+    applied (or, when unknown, a retry with its chunk_index tells)."""
+
+    retry_after_s = 1.0
+
+
+@dataclass
+class SessionPosition:
+    """Where a session stands, for a stream resuming on another node: what it
+    has applied, and the last chunk's answer (sent again when it was lost)."""
+
+    chunks: int
+    frames: int
+    samples: int  # 16 kHz session audio applied: where the resumed audio starts
+    context_mode: str
+    last: ChunkResult | None
+
+
 def shown_path(path: str | None, detail: bool) -> str | None:
     """File names only unless the operator asks for detail: absolute paths tell
     an attacker about the machine."""
@@ -98,6 +127,8 @@ class Engine(Protocol):
         self, identity: int, seed: int | None, mode: str, loudness: LoudnessMode, client: str, tuning: dict | None = None
     ) -> SessionOpened: ...
 
-    async def stream_chunk(self, session_id: str, audio: np.ndarray) -> ChunkResult: ...
+    async def stream_chunk(self, session_id: str, audio: np.ndarray, chunk_index: int | None = None) -> ChunkResult: ...
+
+    async def session_position(self, session_id: str) -> SessionPosition: ...
 
     async def close_session(self, session_id: str) -> SessionClosed | None: ...

@@ -33,7 +33,7 @@ from runtime.settings import Settings
 from .clips import Clips
 from .handback import batch_done
 from .loading import Loaded, ModelInfo, effective_limits, load_runner, resolve_device
-from .protocol import ChunkResult, Limits, SessionClosed, SessionOpened, ShuttingDown, shown_path
+from .protocol import ChunkResult, Limits, SessionClosed, SessionOpened, SessionPosition, ShuttingDown, shown_path
 from .streams import StreamChunk, Streams
 
 __all__ = ["InferenceService", "ModelInfo", "StreamChunk"]
@@ -42,7 +42,12 @@ __all__ = ["InferenceService", "ModelInfo", "StreamChunk"]
 class InferenceService:
     def __init__(self, settings: Settings, session_id_tag: str = "") -> None:
         self.settings = settings
-        self.streams = Streams(settings, session_id_tag)
+        if settings.shared_state:
+            from .shared_streams import SharedStreams  # redis-py only where it is used
+
+            self.streams: Streams = SharedStreams(settings, session_id_tag)
+        else:
+            self.streams = Streams(settings, session_id_tag)
         self.sessions = self.streams.sessions
         self.clips = Clips(settings, resolve_device(settings.device))
         self.limits = Limits(settings.max_audio_s, settings.max_chunk_s)
@@ -106,6 +111,7 @@ class InferenceService:
             "model": None if info is None else {**asdict(info), "weights": shown_path(info.weights, detail)},
             "limits": asdict(self.limits),
             "sessions": len(self.sessions),
+            "state": self.streams.health(),
             "queue_windows": self.batcher.queued_windows if self.batcher else 0,
             "batches": self.batcher.batches_run if self.batcher else 0,
             "windows": self.batcher.windows_run if self.batcher else 0,
@@ -166,17 +172,30 @@ class InferenceService:
         """``tuning`` is an ``a2e.tuning`` spec, already validated by the front."""
         self._require_ready()
         self.check_accepting()
-        return self.streams.open(identity, seed, mode, loudness, client, tuning)
+        return await self.streams.open(identity, seed, mode, loudness, client, tuning)
 
     async def close_session(self, session_id: str) -> SessionClosed | None:
         """What the closed session did, or None when there was no such session."""
-        return self.streams.close(session_id)
+        return await self.streams.close(session_id)
+
+    async def session_position(self, session_id: str) -> SessionPosition:
+        """Where a session stands (a stream resuming it elsewhere)."""
+        self._require_ready()
+        return await self.streams.position(session_id)
 
     def expire_sessions(self) -> int:
         return self.streams.expire()
 
+    async def check_state(self) -> None:
+        """Refresh what /api/health says of the session store."""
+        await self.streams.check_store()
+
     def submit_chunk(
-        self, session_id: str, audio: np.ndarray, reply: Callable[[ChunkResult | BaseException], None]
+        self,
+        session_id: str,
+        audio: np.ndarray,
+        reply: Callable[[ChunkResult | BaseException], None],
+        chunk_index: int | None = None,
     ) -> StreamChunk:
         """Queue one 16 kHz chunk on its session; ``reply`` is called once, on
         this event loop, with its result or its error. Chunks of a session are
@@ -186,17 +205,18 @@ class InferenceService:
         answers hundreds of chunks per batch from one callback. The session
         keeps ``audio`` as its context (uncopied when it is an array of its
         own): pass an array that nobody writes to afterwards (decoded audio,
-        a transport's copy)."""
+        a transport's copy). ``chunk_index``: the client's number for the
+        chunk (a retry of the last one is answered again, not applied twice)."""
         self._require_ready()
         self.check_accepting()
-        return self.streams.submit(session_id, audio, reply)
+        return self.streams.submit(session_id, audio, reply, chunk_index)
 
     def cancel_chunk(self, chunk: StreamChunk) -> None:
         """The chunk's client went away: drop it, leaving its session as if it
         had never come. A chunk already answered stays applied."""
         self.streams.cancel(chunk)
 
-    async def stream_chunk(self, session_id: str, audio: np.ndarray) -> ChunkResult:
+    async def stream_chunk(self, session_id: str, audio: np.ndarray, chunk_index: int | None = None) -> ChunkResult:
         """``submit_chunk`` awaited (the in-process server and tests)."""
         done = asyncio.get_running_loop().create_future()
 
@@ -204,7 +224,7 @@ class InferenceService:
             if not done.done():
                 done.set_exception(result) if isinstance(result, BaseException) else done.set_result(result)
 
-        chunk = self.submit_chunk(session_id, audio, reply)
+        chunk = self.submit_chunk(session_id, audio, reply, chunk_index)
         try:
             return await done
         except asyncio.CancelledError:

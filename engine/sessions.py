@@ -38,6 +38,13 @@ class Session:
     last_answer_at: float | None = None
     active: Any = None  # the chunk being applied (planned, at the model or being finished)
     waiting: deque = field(default_factory=deque)  # chunks submitted behind it
+    # The last applied chunk's answer and its audio's digest: a retry of that
+    # chunk (same chunk_index, same audio) gets the answer again.
+    last_answer: Any = None
+    last_digest: int | None = None
+    # A shared store's copy (engine.shared_streams): False while this engine's
+    # copy may be behind the store (never read, or a write of unknown outcome).
+    current: bool = True
 
     @property
     def in_flight(self) -> int:
@@ -81,14 +88,15 @@ class SessionStore:
                 f"this client ({client}) has {self.max_per_client} open streaming sessions, the limit per client; "
                 "close finished sessions (DELETE /api/infer_stream_close/{session_id}) or retry later"
             )
-        sid = str(uuid.uuid4())
-        if self.id_tag:
-            sid = sid[: -len(self.id_tag)] + self.id_tag
-        session = Session(id=sid, state=state, client=client)
+        session = Session(id=self.new_id(), state=state, client=client)
         self._sessions[session.id] = session
         self._per_client[client] = self._per_client.get(client, 0) + 1
         self._on_change(len(self._sessions), 0)
         return session
+
+    def new_id(self) -> str:
+        sid = str(uuid.uuid4())
+        return sid[: -len(self.id_tag)] + self.id_tag if self.id_tag else sid
 
     def get(self, session_id: str) -> Session | None:
         session = self._sessions.get(session_id)
@@ -104,6 +112,18 @@ class SessionStore:
             self._drop(session)
             self._on_change(len(self._sessions), 0)
         return session
+
+    def adopt(self, session: Session) -> None:
+        """Keep a copy of a session whose truth is elsewhere (a shared store):
+        no caps apply, and the copy longest idle makes room when full."""
+        if len(self._sessions) >= self.max_sessions:
+            self.expire()
+            idle = sorted((s for s in self._sessions.values() if s.in_flight == 0), key=lambda s: s.last_used)
+            for s in idle[: len(self._sessions) - self.max_sessions + 1]:
+                self._drop(s)
+        self._sessions[session.id] = session
+        self._per_client[session.client] = self._per_client.get(session.client, 0) + 1
+        self._on_change(len(self._sessions), 0)
 
     def open_for(self, client: str) -> int:
         return self._per_client.get(client, 0)

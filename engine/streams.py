@@ -20,6 +20,7 @@ import asyncio
 import logging
 import secrets
 import time
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -34,7 +35,7 @@ from batching.batcher import TaggedResult
 from runtime.settings import Settings
 
 from . import metrics
-from .protocol import ChunkResult, SessionClosed, SessionNotFound, SessionOpened
+from .protocol import ChunkOutOfOrder, ChunkResult, SessionClosed, SessionNotFound, SessionOpened, SessionPosition
 from .sessions import Session, SessionStore
 
 log = logging.getLogger("a2e.service")
@@ -51,7 +52,8 @@ def _session_metrics(active: int, expired: int) -> None:
 class StreamChunk:
     """A streaming chunk from its submission to its answer."""
 
-    __slots__ = ("session", "audio", "reply", "loop", "saved", "start_time", "plans", "future", "replied")
+    __slots__ = ("session", "audio", "reply", "loop", "saved", "start_time", "plans", "future", "replied", "index",
+                 "digest", "reruns")  # fmt: skip
 
     def __init__(
         self,
@@ -59,11 +61,16 @@ class StreamChunk:
         audio: np.ndarray,
         reply: Callable[[ChunkResult | BaseException], None],
         loop: asyncio.AbstractEventLoop,
+        index: int | None = None,
     ) -> None:
         self.session = session
         self.audio = audio
         self.reply = reply
         self.loop = loop
+        self.index = index  # the client's number for it (chunk_index), if it gave one
+        # Its audio's digest, to tell a retry from another chunk sent with the same number.
+        self.digest = zlib.crc32(audio) if index is not None else None
+        self.reruns = 0  # times a shared store's newer state made it start again
         self.saved: dict | None = None
         self.start_time = 0.0
         self.plans: list[streaming.ChunkPlan] = []
@@ -93,7 +100,7 @@ class Streams:
         self.batcher: MicroBatcher | None = None  # set when the model is loaded
 
     # -- sessions --------------------------------------------------------------
-    def open(
+    async def open(
         self,
         identity: int,
         seed: int | None,
@@ -103,6 +110,13 @@ class Streams:
         tuning: dict | None = None,
     ) -> SessionOpened:
         """``tuning`` is an ``a2e.tuning`` spec, already validated by the front."""
+        state = self.new_state(identity, seed, mode, loudness, tuning)
+        session = self.sessions.create(state, client)
+        return SessionOpened(session.id, state.mode.value, state.loudness_mode.value)
+
+    def new_state(
+        self, identity: int, seed: int | None, mode: str, loudness: LoudnessMode, tuning: dict | None
+    ) -> streaming.StreamState:
         rng = np.random.default_rng(seed if seed is not None else secrets.randbits(64))
         context = streaming.ContextMode(mode)
         state = streaming.StreamState(
@@ -115,10 +129,15 @@ class Streams:
         if state.loudness_mode is not LoudnessMode.OFF:
             state.loudness = StreamLoudness(self.settings.loudness_target_lufs)
         state.tuning = tuning_spec.parse(tuning).tuning
-        session = self.sessions.create(state, client)
-        return SessionOpened(session.id, state.mode.value, state.loudness_mode.value)
+        return state
 
-    def close(self, session_id: str) -> SessionClosed | None:
+    async def position(self, session_id: str) -> SessionPosition:
+        """Where the session stands (a stream resuming on another connection)."""
+        session = self._session(session_id)
+        state = session.state
+        return SessionPosition(session.chunks_done, state.frames_sent, state.samples_received, state.mode.value, session.last_answer)
+
+    async def close(self, session_id: str) -> SessionClosed | None:
         """What the closed session did, or None when there was no such session."""
         session = self.sessions.close(session_id)
         if session is None:
@@ -127,6 +146,13 @@ class Streams:
         if session.first_chunk_at is not None and session.last_answer_at is not None:
             seconds = session.last_answer_at - session.first_chunk_at
         return SessionClosed(session.chunks_done, session.state.frames_sent, seconds)
+
+    def health(self) -> dict:
+        """What /api/health says of where sessions live."""
+        return {"store": "memory", "reachable": True}
+
+    async def check_store(self) -> None:
+        """Nothing to check: the sessions are in this process."""
 
     def expire(self) -> int:
         n = self.sessions.expire()
@@ -142,11 +168,16 @@ class Streams:
 
     # -- chunks ------------------------------------------------------------------
     def submit(
-        self, session_id: str, audio: np.ndarray, reply: Callable[[ChunkResult | BaseException], None]
+        self,
+        session_id: str,
+        audio: np.ndarray,
+        reply: Callable[[ChunkResult | BaseException], None],
+        chunk_index: int | None = None,
     ) -> StreamChunk:
         """Queue one 16 kHz chunk on its session (see ``InferenceService.submit_chunk``)."""
         session = self._session(session_id)
-        chunk = StreamChunk(session, np.asarray(audio, dtype=np.float32), reply, asyncio.get_running_loop())
+        audio = np.asarray(audio, dtype=np.float32)
+        chunk = StreamChunk(session, audio, reply, asyncio.get_running_loop(), chunk_index)
         session.last_used = time.monotonic()
         if session.first_chunk_at is None:
             session.first_chunk_at = session.last_used
@@ -176,22 +207,30 @@ class Streams:
         """Plan the session's next waiting chunk and queue its windows."""
         while session.active is None and session.waiting:
             chunk = session.waiting.popleft()
-            state = session.state
             session.active = chunk
-            chunk.saved = state.snapshot()
-            chunk.start_time = state.frames_planned / 30.0
-            try:
-                chunk.plans = streaming.plan_chunk(state, chunk.audio)
-                plans = chunk.plans
-                if not plans:  # shorter than what completes a frame: no window, no frames
-                    STREAM_SECONDS.inc(self.succeed(chunk, np.zeros((0, NUM_BLENDSHAPES), dtype=np.float32), time.monotonic()))
-                    continue
-                # The windows go as parts (views of the session's audio): the batcher copies them once.
-                windows = [p.parts for p in plans]
-                chunk.future = self.batcher.submit_windows(windows, [state.identity] * len(plans), tag=chunk)
-            except Exception as exc:  # QueueFull, stopped batcher, bad audio: this chunk only
-                chunk.answer(exc)
-                self._undo(chunk)
+            if settled_by_index(chunk):
+                session.active = None
+                continue
+            self.plan(chunk)
+
+    def plan(self, chunk: StreamChunk) -> None:
+        """Snapshot the session, plan the chunk's windows and queue them (or
+        answer it at once when it completes no frame)."""
+        session = chunk.session
+        state = session.state
+        chunk.saved = state.snapshot()
+        chunk.start_time = state.frames_planned / 30.0
+        try:
+            chunk.plans = plans = streaming.plan_chunk(state, chunk.audio)
+            if not plans:  # shorter than what completes a frame: no window, no frames
+                STREAM_SECONDS.inc(self.succeed(chunk, np.zeros((0, NUM_BLENDSHAPES), dtype=np.float32), time.monotonic()))
+                return
+            # The windows go as parts (views of the session's audio): the batcher copies them once.
+            windows = [p.parts for p in plans]
+            chunk.future = self.batcher.submit_windows(windows, [state.identity] * len(plans), tag=chunk)
+        except Exception as exc:  # QueueFull, stopped batcher, bad audio: this chunk only
+            chunk.answer(exc)
+            self._undo(chunk)
 
     @staticmethod
     def _undo(chunk: StreamChunk) -> None:
@@ -214,6 +253,31 @@ class Streams:
         session.last_used = session.last_answer_at = now
         seconds = len(chunk.audio) / SAMPLE_RATE
         frames = streaming.tune(session.state, frames)
-        chunk.answer(ChunkResult(frames, session.chunks_done, seconds, chunk.start_time, session.state.mode.value))
+        result = ChunkResult(frames, session.chunks_done, seconds, chunk.start_time, session.state.mode.value)
+        session.last_answer, session.last_digest = result, chunk.digest
+        chunk.answer(result)
         session.active = None
         return seconds
+
+
+def settled_by_index(chunk: StreamChunk) -> bool:
+    """Whether the client's number for the chunk settles it without running
+    it: a retry of the last applied chunk (same number, same audio) gets its
+    answer again; any other number but the next one is refused, naming the
+    one the session expects. Unnumbered chunks are applied in turn."""
+    index, session = chunk.index, chunk.session
+    expected = session.chunks_done + 1
+    if index is None or index == expected:
+        return False
+    if index == session.chunks_done and session.last_answer is not None and chunk.digest == session.last_digest:
+        metrics.CHUNKS_REPLAYED.inc()
+        chunk.answer(session.last_answer)
+        return True
+    if index == session.chunks_done and session.last_answer is not None:
+        why = f"chunk {index} was already applied to this session with other audio"
+    elif index < expected:
+        why = f"chunk {index} was applied earlier and only the last chunk's answer is kept"
+    else:
+        why = f"chunk {index} is ahead of the session"
+    chunk.answer(ChunkOutOfOrder(f"{why}; the session expects chunk_index {expected}", expected))
+    return True

@@ -36,7 +36,7 @@ class Settings:
     workers: str = field(default="auto", metadata={"help": "HTTP worker processes (with one engine process per device); 0 runs HTTP and the model in one process; auto: 0 without CUDA, else min(8, cores - 2)"})
     devices: str = field(default="auto", metadata={"help": "with --workers: one engine process per listed device, e.g. cuda:0,cuda:1 or cpu,cpu (auto: --device)"})
     dtype: str = field(default="fp32", metadata={"help": "model precision: fp32 (exact), bf16 or fp16"})
-    max_sessions: int = field(default=1000, metadata={"help": "open streaming sessions at most (per engine)"})
+    max_sessions: int = field(default=1000, metadata={"help": "open streaming sessions at most (per engine; across the cluster with a redis state store)"})
     session_idle_timeout_s: float = field(default=300.0, metadata={"help": "close a session idle this long (seconds)"})
     max_upload_mb: float = field(default=50.0, metadata={"help": "largest request body (MB)"})
     max_audio_s: float = field(default=600.0, metadata={"help": "longest whole-clip audio (seconds)"})
@@ -66,7 +66,8 @@ class Settings:
     max_concurrent_clips: int = field(default=4, metadata={"help": "whole clips decoded, animated and encoded at once; more wait holding only their upload"})
     upload_memory_mb: float = field(default=128.0, metadata={"help": "request bodies held in memory at once (MB); beyond it 503 + Retry-After"})
     graceful_shutdown_s: float = field(default=15.0, metadata={"help": "on SIGTERM, time to finish in-flight requests (the rest answer 503)"})
-    max_sessions_per_client: int = field(default=100, metadata={"help": "open streaming sessions per client address (per engine)"})
+    max_sessions_per_client: int = field(default=100, metadata={"help": "open streaming sessions per client address (per engine; across the cluster with a redis state store)"})
+    state: str = field(default="memory", metadata={"help": "where streaming sessions live: memory (this engine's; a session stays where it was opened) or redis://[:PASSWORD@]HOST:PORT/DB (shared: any node serves any chunk, a lost node or engine loses no session, session limits count across the cluster)"})
     api_key: str | None = field(default=None, metadata={"help": "require this key (X-API-Key or Authorization: Bearer) on all endpoints but health and metrics"})
     cors_origins: str = field(default="", metadata={"help": "comma-separated origins allowed to call from a browser ('*' for any); empty: no cross-origin use"})
     health_detail: bool = field(default=False, metadata={"help": "show absolute file paths in /api/health"})
@@ -103,6 +104,8 @@ class Settings:
         if self.stream_hop_s * 2 > self.stream_max_buffer_s:
             # A stream must be able to hold a hop waiting plus the next one arriving.
             raise ConfigError("stream_max_buffer_s must be at least twice stream_hop_s")
+        if self.state != "memory" and not self.state.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"state must be memory or a redis:// (rediss://, unix://) address, got {self.state!r}")
         if not 0 <= self.grpc_port <= 65535:
             raise ConfigError(f"grpc_port must be 0 (off) or a port number, got {self.grpc_port}")
         return self
@@ -123,6 +126,11 @@ class Settings:
         if not (wants_cuda or (self.device == "auto" and torch.cuda.is_available())):
             return 0
         return max(1, min(8, (os.cpu_count() or 2) - 2))
+
+    @property
+    def shared_state(self) -> bool:
+        """Sessions live in a shared store (Redis), not in their engine."""
+        return self.state != "memory"
 
     @property
     def device_list(self) -> list[str]:

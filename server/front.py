@@ -72,7 +72,9 @@ class Front:
         # completes a frame answers no frames (its audio joins the context).
         return await self.run_io(audio_io.load, data, self.engine.limits.max_chunk_s, raw)
 
-    async def stream_chunk(self, session_id: str, data: bytes, raw: RawFormat | None = None) -> ChunkResult:
+    async def stream_chunk(
+        self, session_id: str, data: bytes, raw: RawFormat | None = None, chunk_index: int | None = None
+    ) -> ChunkResult:
         """Decode a chunk (in parallel with others) and hand it to the engine in
         the order chunks arrived here, so a client sending several at once gets
         them applied in its order; the engine applies them as they reach it."""
@@ -85,7 +87,7 @@ class Front:
         # Held until the engine answers: the engine applies a session's chunks
         # one at a time anyway, and waiting here costs no task of its own.
         async with turn:
-            return await self.until_done(self.engine.stream_chunk(session_id, audio))
+            return await self.until_done(self.engine.stream_chunk(session_id, audio, chunk_index))
 
     def _arrival_turn(self, session_id: str) -> Turn:
         mine = asyncio.get_running_loop().create_future()

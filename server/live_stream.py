@@ -199,10 +199,13 @@ class LiveStream:
                 metrics.STREAM_FPS.labels(self.transport).observe(self.frames_sent / seconds)
         return True
 
-    async def close(self) -> None:
-        """The stream is over, however it ended: stop its run and close its session."""
+    async def close(self, keep_session: bool = False) -> None:
+        """The stream is over, however it ended: stop its run and close its
+        session (``keep_session``: leave it to be resumed, or to expire)."""
         if self.runner is not None:
             self.runner.cancel()
+        if keep_session:
+            return
         try:
             await self.front.engine.close_session(self.session_id)
         except Exception:  # noqa: BLE001 - the engine may be gone; its sessions expire there

@@ -136,7 +136,12 @@ async def health(request: Request) -> HTTPResponse:
         "draining": front.draining or stats["draining"],
         "loudness": {"default": s.loudness, "target_lufs": s.loudness_target_lufs},
         "grpc_port": s.grpc_port,  # Audio2Face-3D's gRPC API; 0: off
+        # Where streaming sessions live: memory (this node's) or a shared store, and whether it answers.
+        "state": stats.get("state") or {"store": "memory", "reachable": True},
     }
+    state = body["state"]
+    if state.get("store") != "memory" and state.get("sessions") is not None:
+        body["sessions"] = state["sessions"]  # open in the whole cluster
     if "engines" in stats:
         body["engines"] = stats["engines"]
     if s.health_detail:
@@ -240,10 +245,12 @@ async def stream_chunk(request: Request) -> HTTPResponse:
     if not session_id:
         raise forms.RequestError(422, "missing form field 'session_id'")
     request.ctx.session_id = session_id
+    # Optional: the chunk's number (from 1, as metadata.chunk_index): a retry is answered again, not applied twice.
+    chunk_index = forms.parse_int(forms.form_field(request, "chunk_index"), "chunk_index", None, 1, 2**53)
     data = forms.file_field(request, "audio_chunk")
     raw = _raw_format(request, "audio_chunk")
     front.check_accepting()
-    result = await front.stream_chunk(session_id, data, raw)
+    result = await front.stream_chunk(session_id, data, raw, chunk_index)
     latency = time.perf_counter() - started  # the whole chunk arrived with the request
     metrics.STREAM_ANSWERS.labels("rest").inc()
     if len(result.frames):

@@ -11,7 +11,14 @@ from batching.errors import BatcherStopped, QueueFull
 from engine.client import EngineUnavailable
 
 from .connections import UploadRefused
-from engine.protocol import SeparationBusy, SessionLimitReached, SessionNotFound, ShuttingDown
+from engine.protocol import (
+    ChunkOutOfOrder,
+    SeparationBusy,
+    SessionLimitReached,
+    SessionNotFound,
+    ShuttingDown,
+    StateUnavailable,
+)
 from .forms import RequestError
 
 Status = tuple[int, str, dict[str, str] | None]
@@ -38,6 +45,11 @@ def status_of(exc: BaseException) -> Status | None:
         return 503, str(exc), {"Retry-After": "1", "Connection": "close"}
     if isinstance(exc, SessionNotFound):
         return 404, str(exc), None
+    if isinstance(exc, ChunkOutOfOrder):
+        expected = exc.expected_chunk_index
+        return 409, str(exc), None if expected is None else {"X-Expected-Chunk-Index": str(expected)}
+    if isinstance(exc, StateUnavailable):
+        return 503, str(exc), {"Retry-After": str(int(exc.retry_after_s + 0.999))}
     if isinstance(exc, ShuttingDown):
         return 503, str(exc), {"Retry-After": "1", "Connection": "close"}
     if isinstance(exc, EngineUnavailable):

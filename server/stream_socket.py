@@ -14,6 +14,17 @@ Protocol (text messages are JSON, audio is binary):
 5. client: ``{"type": "end"}``; the server runs what is left, sends its
    frames and ``{"type": "end", "frames", "audio_seconds"}``, and closes.
 
+Resuming (with a shared state store, ``--state redis://...``): a stream whose
+connection broke (its node died) goes on from another connection, on any
+node. The first message is then ``{"type": "resume", "session_id",
+"frames_received", ...}`` with the start message's audio format and hop; the
+server answers ``{"type": "resumed", "session_id", "frames", "audio_samples",
+"audio_received", ...}``, sends again the frames from ``frames_received`` on
+that were lost with the connection (those of the last answer), and the
+client sends its audio again from ``audio_samples`` (16 kHz samples of
+session audio applied; exact at 16 kHz). A stream that breaks without its
+``end`` message keeps its session until the idle timeout, for a resume.
+
 When the model runs is ``server.live_stream``'s business (every ``hop``
 seconds of audio). At most ``--stream-max-buffer-s`` of audio may wait: a client
 sending faster than the model keeps up is told (``error``, status 503) and
@@ -67,6 +78,7 @@ class StreamConnection:
         self.client = client_address(request)
         self.live: LiveStream | None = None
         self.ending = False
+        self.vanished = False  # the connection broke without an end message
         self.last_message_at = time.monotonic()
         self.failure: Exception | None = None
 
@@ -95,14 +107,16 @@ class StreamConnection:
                 await self._send({"type": "end", "frames": self.live.frames_sent, "audio_seconds": self.live.received_seconds()})
                 await self.ws.close(1000, "end of stream")
         except ConnectionClosed:
-            pass  # the client went away (or a failure was told and the stream closed)
+            # The client went away (or a failure was told and the stream closed).
+            self.vanished = self.failure is None
         except Exception as exc:  # noqa: BLE001 - every failure is told to the client
             await self._tell(exc)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
             if self.live is not None:
-                await self.live.close()
+                # A broken stream's session stays (until the idle timeout) where another node can resume it.
+                await self.live.close(keep_session=self.vanished and self.settings.shared_state)
 
     def _packet(self, data: bytes) -> None:
         """An audio packet straight from the socket (see server/socket_frames.py)."""
@@ -142,12 +156,68 @@ class StreamConnection:
         if first is None:
             raise StreamError(408, f"no start message within {self.settings.header_timeout_s:g} s")
         body = _json(first)
-        if body.get("type", "start") != "start":
-            raise StreamError(422, "the first message must be {\"type\": \"start\", ...}")
+        kind = body.get("type", "start")
+        if kind not in ("start", "resume"):
+            raise StreamError(422, "the first message must be {\"type\": \"start\", ...} or {\"type\": \"resume\", ...}")
         if not self.front.engine.ready:
             raise StreamError(503, f"Model not loaded: {self.front.engine.not_ready_reason}")
+        fmt, hop = self._format(body)
+        if kind == "resume":
+            await self._resume(body, fmt, hop)
+            return
         identity, seed, mode, loudness = session_options(self.front, body)
         tuning, ignored = tuning_options(body)
+        opened = await self.front.until_done(
+            self.front.engine.open_session(identity, seed, mode, loudness, self.client, tuning)
+        )
+        self.live = LiveStream(self.front, opened.session_id, fmt, float(hop), "websocket", self._frames, self._tell)
+        started = {
+            "type": "started",
+            "session_id": opened.session_id,
+            **self._stream_fields(fmt, hop),
+            "id_idx": identity,
+            "seed": seed,
+            "context_mode": opened.context_mode,
+            "loudness": opened.loudness,
+        }
+        if "tuning" in body:
+            started["tuning_ignored"] = list(ignored)
+        await self._send(started)
+
+    @staticmethod
+    def _stream_fields(fmt: raw_pcm.RawFormat, hop: float) -> dict:
+        return {"names": list(ARKIT_NAMES), "fps": float(FPS), "hop": float(hop), "sample_rate": fmt.sample_rate,
+                "encoding": fmt.encoding, "channels": fmt.channels}  # fmt: skip
+
+    async def _resume(self, body: dict, fmt: raw_pcm.RawFormat, hop: float) -> None:
+        session_id = body.get("session_id")
+        if not isinstance(session_id, str) or not session_id:
+            raise StreamError(422, "a resume message needs the session_id of the stream's started message")
+        received = forms.parse_int(body.get("frames_received"), "frames_received", 0, 0, 2**53)
+        position = await self.front.until_done(self.front.engine.session_position(session_id))
+        missing = position.frames - received
+        kept = 0 if position.last is None else len(position.last.frames)
+        if missing < 0:
+            raise StreamError(409, f"frames_received={received} but the session has sent {position.frames} frames")
+        if missing > kept:
+            raise StreamError(409, f"frames {received} to {position.frames - 1} are no longer kept (only the last answer's "
+                                   f"are): resume with frames_received of at least {position.frames - kept}")  # fmt: skip
+        self.live = LiveStream(self.front, session_id, fmt, float(hop), "websocket", self._frames, self._tell)
+        # Its audio so far, in the client's bytes: later frames' latency is measured against it.
+        self.live.received = position.samples * fmt.sample_rate // SAMPLE_RATE * fmt.frame_bytes
+        self.live.frames_sent = position.frames
+        await self._send({
+            "type": "resumed", "session_id": session_id, **self._stream_fields(fmt, hop), "frames": position.frames,
+            "chunks": position.chunks, "audio_samples": position.samples, "audio_received": position.samples / SAMPLE_RATE,
+            "context_mode": position.context_mode,
+        })  # fmt: skip
+        if missing:
+            message = responses.stream_frames(position.last.frames[kept - missing :], received)
+            message["audio_received"] = self.live.received_seconds()
+            await self._send(message)
+
+    def _format(self, body: dict) -> tuple[raw_pcm.RawFormat, float]:
+        """The audio format and hop of a start or resume message."""
         try:
             fmt = raw_pcm.RawFormat(
                 forms.parse_int(body.get("sample_rate"), "sample_rate", SAMPLE_RATE, 1000, 384_000),
@@ -161,27 +231,7 @@ class StreamConnection:
             raise StreamError(422, f"hop must be a number of seconds, got {hop!r}")
         if not MIN_HOP_S <= hop <= self.front.engine.limits.max_chunk_s:
             raise StreamError(422, f"hop must be between {MIN_HOP_S} and {self.front.engine.limits.max_chunk_s:g} s")
-        opened = await self.front.until_done(
-            self.front.engine.open_session(identity, seed, mode, loudness, self.client, tuning)
-        )
-        self.live = LiveStream(self.front, opened.session_id, fmt, float(hop), "websocket", self._frames, self._tell)
-        started = {
-            "type": "started",
-            "session_id": opened.session_id,
-            "names": list(ARKIT_NAMES),
-            "fps": float(FPS),
-            "hop": float(hop),
-            "sample_rate": fmt.sample_rate,
-            "encoding": fmt.encoding,
-            "channels": fmt.channels,
-            "id_idx": identity,
-            "seed": seed,
-            "context_mode": opened.context_mode,
-            "loudness": opened.loudness,
-        }
-        if "tuning" in body:
-            started["tuning_ignored"] = list(ignored)
-        await self._send(started)
+        return fmt, float(hop)
 
     def _control(self, text: str) -> None:
         body = _json(text)

@@ -59,14 +59,37 @@ def stop(proc):
         proc.kill()
 
 
-@pytest.fixture(scope="module", params=[[], ["--workers", "2", "--devices", "cpu,cpu"]], ids=["one-process", "2-workers-2-engines"])
-def server(request, checkpoint, config_file):
+CLUSTERS: dict[str, object] = {}  # a cluster's HAProxy address -> the cluster (its nodes' metrics)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[[], ["--workers", "2", "--devices", "cpu,cpu"], "cluster"],
+    ids=["one-process", "2-workers-2-engines", "3-nodes-redis-haproxy"],
+)
+def server(request, checkpoint, config_file, tmp_path_factory):
+    """The server the document's clients talk to: one process, workers and
+    engines, or three nodes sharing Redis behind HAProxy (round robin)."""
+    model = ["--config-file", str(config_file), "--weight", str(checkpoint)]
+    if request.param == "cluster":
+        from tests.cluster_parts import Cluster
+
+        cluster = Cluster(tmp_path_factory.mktemp("cluster"), [model] * 3, env={"A2E_MAX_UPLOAD_MB": "1"}).start()
+        CLUSTERS[cluster.url] = cluster
+        yield cluster.url
+        cluster.stop()
+        return
     port = free_port()
     env = dict(os.environ, A2E_MAX_UPLOAD_MB="1", A2E_LOG_LEVEL="warning")
-    args = ["api_server.py", "--config-file", str(config_file), "--weight", str(checkpoint), *request.param]
-    proc = start(args, port, env)
+    proc = start(["api_server.py", *model, *request.param], port, env)
     yield f"http://127.0.0.1:{port}"
     stop(proc)
+
+
+def metrics_of(server: str) -> str:
+    """The server's /metrics; a cluster's from every node (a balancer would show one node's)."""
+    cluster = CLUSTERS.get(server)
+    return cluster.metrics() if cluster is not None else requests.get(server + "/metrics").text
 
 
 def test_document_standard_example(server, tmp_path):
@@ -144,7 +167,7 @@ def test_document_microphone_example_with_a_file_for_the_microphone(server):
         frames[kind] = np.array(got)
     assert frames["raw"].shape == (120, 52)
     assert np.array_equal(frames["raw"], frames["wav"])
-    exposition = requests.get(server + "/metrics").text
+    exposition = metrics_of(server)
     assert _metric(exposition, 'a2e_stream_first_frame_latency_seconds_count{transport="rest"}') >= 8
     assert _metric(exposition, 'a2e_stream_frames_per_second_count{transport="rest"}') >= 2  # both sessions closed
 
@@ -233,7 +256,7 @@ def test_websocket_stream_of_20ms_packets(server):
             firsts.append(message["first_frame"])
             frames += message["frames"]
     assert message["frames"] == len(frames) == 91  # ceil(3.01 x 30): the whole clip's count
-    exposition = requests.get(server + "/metrics").text
+    exposition = metrics_of(server)
     for series in ('a2e_stream_first_frame_latency_seconds_count{transport="websocket"}',
                    'a2e_stream_frames_per_second_count{transport="websocket"}'):  # fmt: skip
         assert _metric(exposition, series) >= 1

@@ -1,0 +1,275 @@
+"""The Redis session store (``--state redis://host:port/db``): where streaming
+sessions live when several engines, on one node or many, serve them.
+
+It owns the keys, the Lua scripts that change them atomically, and the
+cluster-wide session limits; it does not apply chunks (``engine.shared_streams``
+does, with this store's versions) and knows nothing of HTTP.
+
+The one idea: a session's record carries ``n``, the number of chunks applied
+to it. An engine reads the record, runs the chunk without holding anything,
+and writes the new state only if ``n`` is still what it read (one script,
+atomic in Redis); otherwise another engine moved the session on meanwhile
+and the chunk is run again on the newer state. No lock is ever held across
+a model run, and a chunk is applied once or not at all.
+
+Keys (one Redis; Redis Cluster would need the three keys of a session in one
+slot, which we do not arrange):
+
+* ``a2e:s:<session id>``: a hash: ``n``, ``state`` (``engine.session_codec``),
+  ``last`` (the last chunk's answer, for retries), ``client``, ``frames``,
+  ``first_at`` / ``last_at`` (wall clock), with a TTL of the idle timeout,
+  refreshed by every chunk.
+* ``a2e:sessions`` and ``a2e:c:<client>``: sorted sets of open session ids
+  scored by when they expire, which the limits are counted in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from a2e.streaming import StreamState
+
+from . import metrics
+from .protocol import ChunkResult, SessionClosed, SessionLimitReached, SessionNotFound, StateUnavailable
+from .session_codec import decode_answer, decode_state
+
+log = logging.getLogger("a2e.state")
+
+PREFIX = "a2e:"
+ALL_SESSIONS = PREFIX + "sessions"
+CONNECT_TIMEOUT_S = 1.0
+# Longer than any one operation on a healthy store (a state is ~150 KB):
+# past it the store counts as unreachable and the chunk is answered 503.
+OPERATION_TIMEOUT_S = 2.0
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: session, all sessions, the client's sessions. ARGV: id, ttl ms,
+# max sessions, max per client, state, client.
+_CREATE = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return -2 end
+local ttl = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'n', 0, 'state', ARGV[5], 'client', ARGV[6], 'frames', 0)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ttl)
+return 0
+"""
+
+# KEYS: session. ARGV: the n the caller's copy is at (-1: none), the chunk's
+# number (0: none). Returns {n, client, state or '' when the copy is
+# current, last answer or '' unless the chunk's number is n (a retry)}.
+_FETCH = """
+local v = redis.call('HMGET', KEYS[1], 'n', 'client')
+if not v[1] then return false end
+local n = tonumber(v[1])
+local state = ''
+if n ~= tonumber(ARGV[1]) then state = redis.call('HGET', KEYS[1], 'state') end
+local last = ''
+if n > 0 and n == tonumber(ARGV[2]) then last = redis.call('HGET', KEYS[1], 'last') or '' end
+return {n, v[2], state, last}
+"""
+
+# KEYS: session, all sessions, the client's sessions. ARGV: id, the n the
+# chunk was run on, new state, answer, ttl ms, frames sent, first chunk's
+# arrival, now (wall clock, s). Returns {'ok', n+1} | {'moved', n} | {'gone', -1}.
+_COMMIT = _NOW + """
+local n = redis.call('HGET', KEYS[1], 'n')
+if not n then return {'gone', -1} end
+n = tonumber(n)
+if n ~= tonumber(ARGV[2]) then return {'moved', n} end
+local ttl = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'n', n + 1, 'state', ARGV[3], 'last', ARGV[4], 'frames', ARGV[6], 'last_at', ARGV[8])
+redis.call('HSETNX', KEYS[1], 'first_at', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], 'XX', now + ttl, ARGV[1])
+redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ttl)
+return {'ok', n + 1}
+"""
+
+# KEYS: all sessions. Open sessions (expired ones dropped first).
+_COUNT = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+def redacted(url: str) -> str:
+    """The store's address as health and logs show it: without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username + ':' if parts.username else ':'}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass
+class Fetched:
+    chunks_done: int
+    client: str
+    state: StreamState | None  # None: the caller's copy is current
+    last: tuple[ChunkResult, int] | None  # the last chunk's answer and audio digest, when asked for
+
+
+class RedisSessions:
+    """Session records in one Redis, through redis-py's asyncio client (made
+    on first use, on the event loop that uses it)."""
+
+    shared = True
+
+    def __init__(self, url: str, idle_timeout_s: float, max_sessions: int, max_per_client: int) -> None:
+        self.url = url
+        self.ttl_ms = int(idle_timeout_s * 1000)
+        self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
+        self._redis: Any = None
+        self._scripts: dict[str, Any] = {}
+        self.reachable: bool | None = None  # None: not tried yet
+        self.detail: str | None = None
+        self.latency_ms: float | None = None
+        self.sessions: int | None = None
+
+    def _client(self) -> Any:
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(
+                self.url, socket_timeout=OPERATION_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                health_check_interval=30, decode_responses=False,
+            )  # fmt: skip
+            for name, lua in (("create", _CREATE), ("fetch", _FETCH), ("commit", _COMMIT), ("count", _COUNT)):
+                self._scripts[name] = self._redis.register_script(lua)
+        return self._redis
+
+    async def _run(self, op: str, call, nbytes: int = 0) -> Any:
+        """One operation, timed and counted; an unreachable store becomes StateUnavailable."""
+        from redis.exceptions import RedisError
+
+        self._client()
+        started = time.perf_counter()
+        try:
+            result = await call()
+        except RedisError as exc:
+            metrics.STATE_ERRORS.labels(op).inc()
+            self._mark(False, f"{type(exc).__name__}: {exc}")
+            raise StateUnavailable(
+                f"the session store ({redacted(self.url)}) is unreachable ({type(exc).__name__}); "
+                "the chunk was not applied: retry shortly"
+            ) from None
+        metrics.STATE_SECONDS.labels(op).observe(time.perf_counter() - started)
+        if nbytes:
+            metrics.STATE_BYTES.labels(op).observe(nbytes)
+        self._mark(True, None)
+        return result
+
+    def _mark(self, reachable: bool, detail: str | None) -> None:
+        if reachable != self.reachable:
+            if reachable:
+                log.info("session store %s reachable", redacted(self.url))
+            else:
+                log.warning("session store %s unreachable: %s", redacted(self.url), detail)
+        self.reachable, self.detail = reachable, detail
+
+    # -- the operations -------------------------------------------------------------------
+    async def create(self, session_id: str, client: str, state: bytes) -> None:
+        keys = [PREFIX + "s:" + session_id, ALL_SESSIONS, PREFIX + "c:" + client]
+        args = [session_id, self.ttl_ms, self.max_sessions, self.max_per_client, state, client]
+        code = await self._run("create", lambda: self._scripts["create"](keys=keys, args=args), len(state))
+        if code == -1:
+            raise SessionLimitReached(
+                f"the cluster has reached its limit of {self.max_sessions} open streaming sessions; "
+                "close finished sessions (DELETE /api/infer_stream_close/{session_id}) or retry later"
+            )
+        if code == -2:
+            raise SessionLimitReached(
+                f"this client ({client}) has {self.max_per_client} open streaming sessions, the limit per client "
+                "across the cluster; close finished sessions (DELETE /api/infer_stream_close/{session_id}) or retry later"
+            )
+
+    async def fetch(self, session_id: str, have: int, chunk_index: int | None) -> Fetched:
+        """The session's record, its state only if newer than ``have``."""
+        key = PREFIX + "s:" + session_id
+        reply = await self._run("fetch", lambda: self._scripts["fetch"](keys=[key], args=[have, chunk_index or 0]))
+        if reply is None:
+            raise SessionNotFound(f"Session not found: {session_id} (unknown, closed or expired)")
+        n, client, state, last = reply
+        metrics.STATE_BYTES.labels("fetch").observe(len(state) + len(last))
+        return Fetched(
+            int(n), client.decode(), decode_state(state) if state else None, decode_answer(last) if last else None
+        )
+
+    async def commit(
+        self, session_id: str, client: str, ran_on: int, state: bytes, answer: bytes, frames: int, first_at: float
+    ) -> tuple[str, int]:
+        """Write the state a chunk left if the session is still at ``ran_on``:
+        ("ok", n) applied, ("moved", n) another engine got there first, ("gone", -1)."""
+        keys = [PREFIX + "s:" + session_id, ALL_SESSIONS, PREFIX + "c:" + client]
+        args = [session_id, ran_on, state, answer, self.ttl_ms, frames, repr(first_at), repr(time.time())]
+        status, n = await self._run(
+            "commit", lambda: self._scripts["commit"](keys=keys, args=args), len(state) + len(answer)
+        )
+        return status.decode(), int(n)
+
+    async def position(self, session_id: str) -> tuple[int, StreamState, tuple[ChunkResult, int] | None]:
+        key = PREFIX + "s:" + session_id
+        n, state, last = await self._run("position", lambda: self._redis.hmget(key, "n", "state", "last"))
+        if n is None:
+            raise SessionNotFound(f"Session not found: {session_id} (unknown, closed or expired)")
+        return int(n), decode_state(state), decode_answer(last) if last else None
+
+    async def close(self, session_id: str) -> SessionClosed | None:
+        key = PREFIX + "s:" + session_id
+        r = self._client()
+        n, frames, first_at, last_at, client = await self._run(
+            "close", lambda: r.hmget(key, "n", "frames", "first_at", "last_at", "client")
+        )
+        if n is None:
+            return None
+
+        async def remove() -> list:
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.delete(key).zrem(ALL_SESSIONS, session_id).zrem(PREFIX + "c:" + client.decode(), session_id)
+                return await pipe.execute()
+
+        deleted, _, _ = await self._run("close", remove)
+        if not deleted:
+            return None  # closed by another node meanwhile
+        seconds = float(last_at) - float(first_at) if first_at and last_at else 0.0
+        return SessionClosed(int(n), int(frames), max(0.0, seconds))
+
+    async def check(self) -> None:
+        """Ping the store for /api/health (reachability, latency, open sessions)."""
+        started = time.perf_counter()
+        try:
+            self.sessions = int(await self._run("ping", lambda: self._scripts["count"](keys=[ALL_SESSIONS])))
+            self.latency_ms = (time.perf_counter() - started) * 1000
+        except StateUnavailable:
+            self.latency_ms = self.sessions = None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "store": "redis",
+            "url": redacted(self.url),
+            "reachable": self.reachable,
+            "detail": self.detail,
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
+            "sessions": self.sessions,
+        }
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None

@@ -1,0 +1,191 @@
+"""Streaming sessions whose state lives in a shared store (``--state
+redis://...``, ``engine.redis_sessions``), so that any engine on any node
+applies any chunk and a lost node loses no session.
+
+It owns a chunk's trip through the store: read the session before the chunk
+is planned (only its version when this engine's copy is current), write it
+back after the batch with a check that nobody moved the session on
+meanwhile, and answer only then. A chunk whose session moved on is undone
+and run again on the newer state; a chunk the store could not take is
+undone and answered 503. Everything else (queueing, planning, the batch,
+post-processing, numbered retries) is ``engine.streams``'s, unchanged.
+
+The one idea: the store's record is the truth and this engine's sessions
+are a cache of it. A chunk is answered only after its state is written, so
+an answer a client holds is never lost with the node that gave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from a2e.constants import SAMPLE_RATE
+from a2e.loudness import LoudnessMode
+from runtime.settings import Settings
+
+from . import metrics
+from .protocol import ChunkOutOfOrder, ChunkResult, SessionClosed, SessionNotFound, SessionOpened, SessionPosition
+from .redis_sessions import RedisSessions
+from .session_codec import encode_answer, encode_state
+from .sessions import Session
+from .streams import STREAM_SECONDS, StreamChunk, Streams, settled_by_index
+
+log = logging.getLogger("a2e.service")
+
+# A chunk run again this many times because other engines kept moving its
+# session on (unnumbered chunks raced from several nodes) is refused (409).
+MAX_RERUNS = 3
+
+
+class SharedStreams(Streams):
+    def __init__(self, settings: Settings, session_id_tag: str = "") -> None:
+        super().__init__(settings, session_id_tag)
+        self.store = RedisSessions(
+            settings.state, settings.session_idle_timeout_s, settings.max_sessions, settings.max_sessions_per_client
+        )
+
+    def health(self) -> dict:
+        return self.store.health()
+
+    async def check_store(self) -> None:
+        await self.store.check()
+
+    # -- sessions ----------------------------------------------------------------------
+    async def open(
+        self,
+        identity: int,
+        seed: int | None,
+        mode: str,
+        loudness: LoudnessMode = LoudnessMode.OFF,
+        client: str = "",
+        tuning: dict | None = None,
+    ) -> SessionOpened:
+        state = self.new_state(identity, seed, mode, loudness, tuning)
+        session_id = self.sessions.new_id()
+        await self.store.create(session_id, client, encode_state(state))
+        self.sessions.adopt(Session(id=session_id, state=state, client=client))
+        return SessionOpened(session_id, state.mode.value, state.loudness_mode.value)
+
+    async def close(self, session_id: str) -> SessionClosed | None:
+        self.sessions.close(session_id)
+        return await self.store.close(session_id)
+
+    async def position(self, session_id: str) -> SessionPosition:
+        n, state, last = await self.store.position(session_id)
+        answer = last[0] if last is not None else None
+        return SessionPosition(n, state.frames_sent, state.samples_received, state.mode.value, answer)
+
+    def _session(self, session_id: str) -> Session:
+        """This engine's copy, or an empty one that the store fills before its first chunk."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            session = Session(id=session_id, state=None, current=False)
+            self.sessions.adopt(session)
+        return session
+
+    # -- chunks ------------------------------------------------------------------------------
+    def start_next(self, session: Session) -> None:
+        if session.active is None and session.waiting:
+            chunk = session.waiting.popleft()
+            session.active = chunk
+            asyncio.ensure_future(self._read_then_plan(chunk))
+
+    async def _read_then_plan(self, chunk: StreamChunk) -> None:
+        session = chunk.session
+        try:
+            fetched = await self.store.fetch(session.id, session.chunks_done if session.current else -1, chunk.index)
+        except Exception as exc:  # noqa: BLE001 - SessionNotFound, StateUnavailable, a record we cannot read
+            if not isinstance(exc, SessionNotFound) and not hasattr(exc, "retry_after_s"):
+                log.exception("reading session %s from the store failed", session.id)
+            self._finish(chunk, exc)
+            if isinstance(exc, SessionNotFound):
+                self.sessions.close(session.id)
+            return
+        if fetched.state is not None:
+            session.state, session.chunks_done, session.client = fetched.state, fetched.chunks_done, fetched.client
+        session.current = True
+        session.last_answer, session.last_digest = fetched.last or (None, None)
+        if chunk.replied:  # its client went away while the store answered
+            self._finish(chunk, None)
+        elif settled_by_index(chunk):
+            self._finish(chunk, None)
+        else:
+            self.plan(chunk)
+
+    def _finish(self, chunk: StreamChunk, error: BaseException | None) -> None:
+        """The chunk is over without a write: answer it (if still wanted) and go on with the session."""
+        if error is not None:
+            chunk.answer(error)
+        chunk.session.active = None
+        self.start_next(chunk.session)
+
+    def succeed(self, chunk: StreamChunk, frames: np.ndarray, now: float) -> float:
+        """Write the session's new state, then answer (the audio seconds are
+        counted once the write has landed, so return 0 here)."""
+        session = chunk.session
+        frames = self._tuned(session, frames)
+        result = ChunkResult(frames, session.chunks_done + 1, len(chunk.audio) / SAMPLE_RATE, chunk.start_time,
+                             session.state.mode.value)  # fmt: skip
+        asyncio.ensure_future(self._write(chunk, result, now))
+        return 0.0
+
+    @staticmethod
+    def _tuned(session: Session, frames: np.ndarray) -> np.ndarray:
+        from a2e import streaming
+
+        return streaming.tune(session.state, frames)
+
+    async def _write(self, chunk: StreamChunk, result: ChunkResult, now: float) -> None:
+        session = chunk.session
+        try:
+            state = encode_state(session.state)
+            answer = encode_answer(result, chunk.digest if chunk.digest is not None else -1)
+            status, n = await self.store.commit(
+                session.id, session.client, session.chunks_done, state, answer, session.state.frames_sent,
+                _wall_clock(session.first_chunk_at),
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - StateUnavailable: applied or not, the store will say
+            if not hasattr(exc, "retry_after_s"):
+                log.exception("writing session %s to the store failed", session.id)
+            session.current = False
+            self._undo(chunk)
+            self._finish(chunk, exc)
+            return
+        if status == "ok":
+            session.chunks_done = n
+            session.last_used = session.last_answer_at = now
+            session.last_answer, session.last_digest = result, chunk.digest
+            STREAM_SECONDS.inc(result.audio_seconds)
+            chunk.answer(result)
+            session.active = None
+            self.start_next(session)
+            return
+        self._undo(chunk)
+        if status == "gone":
+            self.sessions.close(session.id)
+            self._finish(chunk, SessionNotFound(f"Session not found: {session.id} (closed or expired while its chunk ran)"))
+            return
+        # Another engine applied a chunk meanwhile: run this one again on the newer state.
+        metrics.STATE_CONFLICTS.inc()
+        session.current = False
+        chunk.reruns += 1
+        if chunk.reruns > MAX_RERUNS:
+            self._finish(chunk, ChunkOutOfOrder(
+                f"the session kept moving on while this chunk ran (chunks sent at once to several servers); "
+                f"send a session's chunks one after another; the session expects chunk_index {n + 1}", n + 1))  # fmt: skip
+            return
+        chunk.plans, chunk.future = [], None
+        session.waiting.appendleft(chunk)
+        session.active = None
+        self.start_next(session)
+
+
+def _wall_clock(monotonic: float | None) -> float:
+    """A moment of this process's monotonic clock on the wall clock (the store's
+    times are compared across nodes)."""
+    now = time.time()
+    return now if monotonic is None else now - (time.monotonic() - monotonic)
