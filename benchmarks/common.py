@@ -108,11 +108,14 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: bytes = b"", ctype: str = "application/json") -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"", ctype: str = "application/json",
+                      session: str = "") -> tuple[int, bytes]:  # fmt: skip
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        # X-Session-Id, as our client sends it: what a balancer hashing on the session reads.
+        extra = f"X-Session-Id: {session}\r\n" if session else ""
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {ctype}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {ctype}\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.writer.write(head + body)
@@ -151,7 +154,7 @@ async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results
         now = time.perf_counter()
         if now < due:
             await asyncio.sleep(due - now)
-        status, _ = await conn.request("POST", "/api/infer_stream_chunk", bodies[k], ctype)
+        status, _ = await conn.request("POST", "/api/infer_stream_chunk", bodies[k], ctype, sid)
         done = time.perf_counter()
         latencies.append(done - due)
         if status != 200:
@@ -159,7 +162,7 @@ async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results
             STATUSES[status] = STATUSES.get(status, 0) + 1
         if done > due + chunk_s:  # the next chunk was due before this answer came
             on_time = False
-    await conn.request("DELETE", f"/api/infer_stream_close/{sid}")
+    await conn.request("DELETE", f"/api/infer_stream_close/{sid}", session=sid)
     conn.close()
     results.append({"latencies": latencies, "on_time": on_time and errors == 0, "errors": errors})
 

@@ -9,6 +9,13 @@ server. All simulated users share one address: start the server with
 and closes it; a WebSocketUser streams 20 ms packets over ``/api/stream`` in
 real time (each ``frames`` answer is reported with its first frame's latency
 from the packet that completed it); a ClipUser posts whole clips now and then.
+
+Against a cluster (nodes sharing ``--state redis://...`` behind a balancer),
+run it distributed: users hold no state of their own, and every chunk
+carries its ``chunk_index`` and ``X-Session-Id`` as our client sends them:
+
+    locust -f benchmarks/locustfile.py --master --host http://BALANCER:8000 --headless -u 400 -r 20 -t 5m --expect-workers 4
+    locust -f benchmarks/locustfile.py --worker --master-host MASTER   # on each load machine, one per core
 """
 
 from __future__ import annotations
@@ -53,11 +60,12 @@ class StreamingUser(HttpUser):
                 time.sleep(delay)
             self.client.post(
                 "/api/infer_stream_chunk",
-                data={"session_id": sid},
+                data={"session_id": sid, "chunk_index": str(k + 1)},
                 files={"audio_chunk": ("chunk.wav", CHUNKS[k % len(CHUNKS)], "audio/wav")},
+                headers={"X-Session-Id": sid},
                 name="/api/infer_stream_chunk",
             )
-        self.client.delete(f"/api/infer_stream_close/{sid}", name="/api/infer_stream_close/[id]")
+        self.client.delete(f"/api/infer_stream_close/{sid}", headers={"X-Session-Id": sid}, name="/api/infer_stream_close/[id]")
 
 
 PCM = [(np.frombuffer(c[44:], dtype="<i2")) for c in CHUNKS]  # the chunks' samples, as raw 16-bit PCM

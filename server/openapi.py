@@ -75,6 +75,9 @@ def spec() -> dict[str, Any]:
                           "responses": {"200": {"description": "the service", "content": json_of("Root")}}}},
             "/api/health": {"get": {"summary": "Model, sessions, limits and engines", "operationId": "health",
                                     "responses": {"200": {"description": "health", "content": json_of("Health")}}}},
+            "/api/ready": {"get": {"summary": "200 while this node takes work; 503 while its model loads or it drains (for balancers)",
+                                   "operationId": "ready",
+                                   "responses": {"200": {"description": "ready"}, "503": {"description": "not ready", "content": json_of("Error")}}}},
             "/api/infer": {"post": {
                 "summary": "Animate a whole audio file",
                 "operationId": "infer",
@@ -113,6 +116,7 @@ def spec() -> dict[str, Any]:
                     "properties": {
                         "session_id": {"type": "string", "format": "uuid"},
                         "audio_chunk": {"type": "string", "format": "binary"},
+                        "chunk_index": {"type": "integer", "minimum": 1, "description": "this chunk's number (from 1): a retry of the last one is answered again, not applied twice; another number but the next is 409"},
                         **_AUDIO_FIELDS,
                     }}}}},
                 "responses": {"200": {"description": "the chunk's frames", "content": json_of("Animation")},

@@ -149,6 +149,20 @@ async def health(request: Request) -> HTTPResponse:
     return responses.json_response(body)
 
 
+@bp.get("/api/ready")
+async def ready(request: Request) -> HTTPResponse:
+    """For load balancers and readiness probes (not in the API document): 200
+    while this node takes work, 503 while its model loads or it drains. The
+    session store is not part of it: a node without Redis still serves whole
+    clips, and taking every node out would turn the store's 503s into none."""
+    front = _front(request)
+    if front.draining or front.engine.stats(False).get("draining"):
+        return responses.error(503, "draining for shutdown", {"Retry-After": "1"})
+    if not front.engine.ready:
+        return responses.error(503, f"Model not loaded: {front.engine.not_ready_reason}", {"Retry-After": "5"})
+    return responses.json_response({"status": "ready"})
+
+
 def _export_format(request: Request) -> str:
     """``format`` as a form field or in the query (``/api/infer?format=csv``, what curl users try first)."""
     in_form, in_query = forms.form_field(request, "format"), request.args.get("format")

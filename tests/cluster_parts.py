@@ -144,7 +144,7 @@ frontend lam_a2e
     default_backend nodes
 backend nodes
 {balance}
-    option httpchk GET /api/health
+    option httpchk GET /api/ready
     http-check expect status 200
 {servers}
 """

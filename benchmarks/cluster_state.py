@@ -1,0 +1,166 @@
+"""What the shared session store costs, in one run on this machine:
+
+1. Per chunk (``--sessions`` paced REST sessions of 1 s chunks behind
+   HAProxy): serving CPU (nodes and redis-server, from /proc) per chunk,
+   latency, and state bytes per chunk, for the memory store (one node), the
+   Redis store with HAProxy hashing on the session (X-Session-Id) over two
+   nodes, and the Redis store with round robin over the same two nodes.
+2. Real-time capacity: the largest number of paced a2e-lite sessions that
+   all keep real time, one node with the memory store against three nodes,
+   HAProxy and Redis on the same cores (this shows the cost, not the scale).
+
+    python benchmarks/cluster_state.py                      # both parts
+    python benchmarks/cluster_state.py --part cost --sessions 20 --seconds 20
+    python benchmarks/cluster_state.py --part capacity --levels 40 60 80 100 120
+
+Needs redis-server and haproxy (Debian's packages). Writes
+benchmarks/out/cluster_state.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_s, machine, run_level, save, speech_chunks, tree  # noqa: E402
+from tests.cluster_parts import HAProxy, Node, RedisServer  # noqa: E402 - the same real parts the tests start
+
+NODE_ARGS = ["--model", "a2e-lite", "--grpc-port", "0", "--max-sessions-per-client", "1000000", "--max-sessions", "100000"]
+
+
+def _series_sum(text: str, name: str, label: str = "") -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and label in line and not line.startswith("#"))  # fmt: skip
+
+
+def _store_bytes(nodes: list[Node]) -> dict:
+    text = "\n".join(requests.get(n.url + "/metrics", timeout=5).text for n in nodes)
+    out = {}
+    for op in ("create", "fetch", "commit"):
+        count = _series_sum(text, "a2e_state_store_bytes_count", f'op="{op}"')
+        total = _series_sum(text, "a2e_state_store_bytes_sum", f'op="{op}"')
+        out[op] = round(total / count) if count else 0
+    return out
+
+
+def cost_run(label: str, nodes: list[Node], proxy: HAProxy, redis: RedisServer | None, n: int, seconds: int) -> dict:
+    pids = [p for node in nodes for p in tree(node.proc.pid)] + ([redis.proc.pid] if redis else [])
+    chunks = speech_chunks(16, 1.0)
+    asyncio.run(run_level(proxy.url, min(n, 4), 2, chunks, 1.0))  # warm every node's paths
+    cpu0 = cpu_s(pids)
+    row = asyncio.run(run_level(proxy.url, n, seconds, chunks, 1.0))
+    cpu = cpu_s(pids) - cpu0
+    row.update(config=label, chunks=n * seconds, serving_cpu_ms_per_chunk=round(1000 * cpu / (n * seconds), 3))
+    if redis is not None:
+        row["state_bytes_per_op"] = _store_bytes(nodes)
+    print(f"{label:>22}: {row['serving_cpu_ms_per_chunk']:.2f} ms CPU/chunk  p50={row['p50']:.3f} p99={row['p99']:.3f} "
+          f"kept={row['kept_real_time']}/{n} errors={row['errors']} bytes={row.get('state_bytes_per_op')}", flush=True)  # fmt: skip
+    return row
+
+
+def part_cost(args, work: Path) -> list[dict]:
+    redis = RedisServer(work).start()
+    rows = []
+    try:
+        memory = Node(NODE_ARGS).start()
+        shared = [Node([*NODE_ARGS, "--state", redis.url]) for _ in range(2)]
+        for node in shared:
+            node.start(wait=False)
+        for node in shared:
+            node.wait_healthy()
+        proxies = {
+            "memory, one node": HAProxy(work, [memory.port]).start(),
+            "redis, session hash": HAProxy(work, [n.port for n in shared], balance="session").start(),
+            "redis, round robin": HAProxy(work, [n.port for n in shared]).start(),
+        }
+        time.sleep(1.5)  # health checks up
+        for repeat in range(args.repeats):  # alternating, so drift in the machine hits all alike
+            for label, proxy in proxies.items():
+                nodes, store = ([memory], None) if label.startswith("memory") else (shared, redis)
+                row = cost_run(label, nodes, proxy, store, args.sessions, args.seconds)
+                row["repeat"] = repeat
+                rows.append(row)
+        for proxy in proxies.values():
+            proxy.stop()
+        for node in [memory, *shared]:
+            node.stop()
+    finally:
+        redis.stop()
+    base = [r["serving_cpu_ms_per_chunk"] for r in rows if r["config"].startswith("memory")]
+    for r in rows:
+        r["cpu_ratio_to_memory"] = round(r["serving_cpu_ms_per_chunk"] / (sum(base) / len(base)), 3)
+    return rows
+
+
+def capacity(url: str, label: str, levels: list[int], n_chunks: int) -> dict:
+    chunks = speech_chunks(16, 1.0)
+    best, rows = 0, []
+    for n in levels:
+        row = asyncio.run(run_level(url, n, n_chunks, chunks, 1.0))
+        row["config"] = label
+        rows.append(row)
+        print(f"{label:>26} N={n:4d} kept={row['kept_real_time']:4d} p50={row['p50']:.3f} p99={row['p99']:.3f} errors={row['errors']}", flush=True)
+        if row["kept_real_time"] < n or row["errors"]:
+            break
+        best = n
+    return {"config": label, "max_real_time_sessions": best, "levels": rows}
+
+
+def part_capacity(args, work: Path) -> list[dict]:
+    out = []
+    one = Node(NODE_ARGS).start()
+    proxy = HAProxy(work, [one.port]).start()
+    time.sleep(1.5)
+    out.append(capacity(proxy.url, "one node, memory store", args.levels, args.chunks))
+    proxy.stop()
+    one.stop()
+    redis = RedisServer(work).start()
+    try:
+        nodes = [Node([*NODE_ARGS, "--state", redis.url]) for _ in range(3)]
+        for node in nodes:
+            node.start(wait=False)
+        for node in nodes:
+            node.wait_healthy()
+        proxy = HAProxy(work, [n.port for n in nodes]).start()
+        time.sleep(1.5)
+        out.append(capacity(proxy.url, "3 nodes, redis, round robin", args.levels, args.chunks))
+        proxy.stop()
+        for node in nodes:
+            node.stop()
+    finally:
+        redis.stop()
+    ratio = out[1]["max_real_time_sessions"] / max(1, out[0]["max_real_time_sessions"])
+    print(f"three nodes hold {ratio:.2f}x the real-time sessions of one node (target: at least 0.80)")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["cost", "capacity", "both"], default="both")
+    p.add_argument("--sessions", type=int, default=20, help="paced sessions in the cost part")
+    p.add_argument("--seconds", type=int, default=20, help="chunks per session in the cost part")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--levels", type=int, nargs="+", default=[20, 40, 60, 80, 100, 120, 140, 160])
+    p.add_argument("--chunks", type=int, default=10, help="chunks per session in the capacity part")
+    args = p.parse_args()
+    result = {"machine": machine(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as work:
+        if args.part in ("cost", "both"):
+            result["cost"] = part_cost(args, Path(work))
+        if args.part in ("capacity", "both"):
+            result["capacity"] = part_capacity(args, Path(work))
+    print("wrote", save("cluster_state", result))
+
+
+if __name__ == "__main__":
+    main()
