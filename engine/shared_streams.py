@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from a2e import streaming
 from a2e.constants import SAMPLE_RATE
 from a2e.loudness import LoudnessMode
 from runtime.settings import Settings
@@ -127,17 +128,11 @@ class SharedStreams(Streams):
         """Write the session's new state, then answer (the audio seconds are
         counted once the write has landed, so return 0 here)."""
         session = chunk.session
-        frames = self._tuned(session, frames)
+        frames = streaming.tune(session.state, frames)
         result = ChunkResult(frames, session.chunks_done + 1, len(chunk.audio) / SAMPLE_RATE, chunk.start_time,
                              session.state.mode.value)  # fmt: skip
         asyncio.ensure_future(self._write(chunk, result, now))
         return 0.0
-
-    @staticmethod
-    def _tuned(session: Session, frames: np.ndarray) -> np.ndarray:
-        from a2e import streaming
-
-        return streaming.tune(session.state, frames)
 
     async def _write(self, chunk: StreamChunk, result: ChunkResult, now: float) -> None:
         session = chunk.session
