@@ -18,13 +18,13 @@ CHUNKS_REPLAYED = Counter(
 # The shared session store (--state redis://...): what each chunk costs in it.
 STATE_SECONDS = Histogram(
     "a2e_state_store_seconds",
-    "Time of one state-store operation, from the engine",
+    "Time of one state-store round trip, from the engine (the writes of one batch's chunks go as one)",
     ["op"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5),
 )
 STATE_BYTES = Histogram(
     "a2e_state_store_bytes",
-    "Bytes of session state read or written by one state-store operation",
+    "Bytes of session state read or written by one state-store round trip",
     ["op"],
     buckets=(256, 1024, 4096, 16384, 65536, 131072, 262144, 524288, 1048576),
 )

@@ -12,13 +12,17 @@ atomic in Redis); otherwise another engine moved the session on meanwhile
 and the chunk is run again on the newer state. No lock is ever held across
 a model run, and a chunk is applied once or not at all.
 
-Keys (one Redis; Redis Cluster would need the three keys of a session in one
+Keys (one Redis; Redis Cluster would need the keys of a session in one
 slot, which we do not arrange):
 
-* ``a2e:s:<session id>``: a hash: ``n``, ``state`` (``engine.session_codec``),
-  ``last`` (the last chunk's answer, for retries), ``client``, ``frames``,
-  ``first_at`` / ``last_at`` (wall clock), with a TTL of the idle timeout,
-  refreshed by every chunk.
+* ``a2e:s:<session id>``: a hash: ``n``, ``state`` (``engine.session_codec``,
+  all but the audio), ``last`` (the last chunk's answer, for retries),
+  ``client``, ``frames``, ``first_at`` / ``last_at`` (wall clock), with a TTL
+  of the idle timeout, refreshed by every chunk.
+* ``a2e:a:<session id>``: a list: the session's recent audio as pieces
+  (``session_codec.encode_audio``), oldest first, as many as cover a model window. A chunk appends
+  its own audio and drops what no window needs any more, so a write carries
+  the chunk's audio, not the whole window again. Same TTL.
 * ``a2e:sessions`` and ``a2e:c:<client>``: sorted sets of open session ids
   scored by when they expire, which the limits are counted in.
 """
@@ -31,11 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from a2e.constants import WINDOW_SAMPLES
 from a2e.streaming import StreamState
 
 from . import metrics
 from .protocol import ChunkResult, SessionClosed, SessionLimitReached, SessionNotFound, StateUnavailable
-from .session_codec import decode_answer, decode_state
+from .session_codec import decode_answer, decode_state, piece_samples
 
 log = logging.getLogger("a2e.state")
 
@@ -67,23 +72,29 @@ redis.call('PEXPIRE', KEYS[3], ttl)
 return 0
 """
 
-# KEYS: session. ARGV: the n the caller's copy is at (-1: none), the chunk's
-# number (0: none). Returns {n, client, state or '' when the copy is
-# current, last answer or '' unless the chunk's number is n (a retry)}.
+# KEYS: session, its audio. ARGV: the n the caller's copy is at (-1: none),
+# the chunk's number (0: none). Returns {n, client, state or '' when the copy
+# is current, last answer or '' unless the chunk's number is n (a retry),
+# the audio pieces (none when the copy is current)}.
 _FETCH = """
 local v = redis.call('HMGET', KEYS[1], 'n', 'client')
 if not v[1] then return false end
 local n = tonumber(v[1])
-local state = ''
-if n ~= tonumber(ARGV[1]) then state = redis.call('HGET', KEYS[1], 'state') end
+local state, audio = '', {}
+if n ~= tonumber(ARGV[1]) then
+  state = redis.call('HGET', KEYS[1], 'state')
+  audio = redis.call('LRANGE', KEYS[2], 0, -1)
+end
 local last = ''
 if n > 0 and n == tonumber(ARGV[2]) then last = redis.call('HGET', KEYS[1], 'last') or '' end
-return {n, v[2], state, last}
+return {n, v[2], state, last, audio}
 """
 
-# KEYS: session, all sessions, the client's sessions. ARGV: id, the n the
-# chunk was run on, new state, answer, ttl ms, frames sent, first chunk's
-# arrival, now (wall clock, s). Returns {'ok', n+1} | {'moved', n} | {'gone', -1}.
+# KEYS: session, its audio, all sessions, the client's sessions. ARGV: id,
+# the n the chunk was run on, new state, answer, ttl ms, frames sent, first
+# chunk's arrival, now (wall clock, s), the chunk's audio, how many audio
+# pieces to keep with it (0: it replaces them all). Returns {'ok', n+1} |
+# {'moved', n} | {'gone', -1}.
 _COMMIT = _NOW + """
 local n = redis.call('HGET', KEYS[1], 'n')
 if not n then return {'gone', -1} end
@@ -93,9 +104,14 @@ local ttl = tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'n', n + 1, 'state', ARGV[3], 'last', ARGV[4], 'frames', ARGV[6], 'last_at', ARGV[8])
 redis.call('HSETNX', KEYS[1], 'first_at', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('ZADD', KEYS[2], 'XX', now + ttl, ARGV[1])
-redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[3], ttl)
+local keep = tonumber(ARGV[10])
+if keep == 0 then redis.call('DEL', KEYS[2]) end
+if #ARGV[9] > 0 then redis.call('RPUSH', KEYS[2], ARGV[9]) end
+if keep > 0 then redis.call('LTRIM', KEYS[2], -keep, -1) end
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('ZADD', KEYS[3], 'XX', now + ttl, ARGV[1])
+redis.call('ZADD', KEYS[4], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[4], ttl)
 return {'ok', n + 1}
 """
 
@@ -122,6 +138,35 @@ class Fetched:
     client: str
     state: StreamState | None  # None: the caller's copy is current
     last: tuple[ChunkResult, int] | None  # the last chunk's answer and audio digest, when asked for
+    audio_pieces: list[int] | None  # with a state: the samples in each of its stored audio pieces
+
+
+@dataclass
+class Commit:
+    """One chunk's write: the state it left, run on version ``ran_on``; its
+    audio is appended to the stored pieces, of which the newest ``keep`` stay
+    (0: ``audio`` replaces them all)."""
+
+    session_id: str
+    client: str
+    ran_on: int
+    state: bytes
+    answer: bytes
+    frames: int
+    first_at: float
+    audio: bytes
+    keep: int
+
+
+def pieces_to_keep(pieces: list[int]) -> int:
+    """How many of the newest audio pieces (their sample counts, oldest
+    first) a model window needs: the fewest that hold one, or all."""
+    total = 0
+    for k, samples in enumerate(reversed(pieces), 1):
+        total += samples
+        if total >= WINDOW_SAMPLES:
+            return k
+    return len(pieces)
 
 
 class RedisSessions:
@@ -201,27 +246,50 @@ class RedisSessions:
 
     async def fetch(self, session_id: str, have: int, chunk_index: int | None) -> Fetched:
         """The session's record, its state only if newer than ``have``."""
-        key = PREFIX + "s:" + session_id
-        reply = await self._run("fetch", lambda: self._scripts["fetch"](keys=[key], args=[have, chunk_index or 0]))
+        keys = [PREFIX + "s:" + session_id, PREFIX + "a:" + session_id]
+        reply = await self._run("fetch", lambda: self._scripts["fetch"](keys=keys, args=[have, chunk_index or 0]))
         if reply is None:
             raise SessionNotFound(f"Session not found: {session_id} (unknown, closed or expired)")
-        n, client, state, last = reply
-        metrics.STATE_BYTES.labels("fetch").observe(len(state) + len(last))
+        n, client, state, last, audio = reply
+        metrics.STATE_BYTES.labels("fetch").observe(len(state) + len(last) + sum(map(len, audio)))
         return Fetched(
-            int(n), client.decode(), decode_state(state) if state else None, decode_answer(last) if last else None
-        )
+            int(n), client.decode(), decode_state(state, audio) if state else None,
+            decode_answer(last) if last else None, [piece_samples(piece) for piece in audio] if state else None,
+        )  # fmt: skip
 
-    async def commit(
-        self, session_id: str, client: str, ran_on: int, state: bytes, answer: bytes, frames: int, first_at: float
-    ) -> tuple[str, int]:
-        """Write the state a chunk left if the session is still at ``ran_on``:
-        ("ok", n) applied, ("moved", n) another engine got there first, ("gone", -1)."""
-        keys = [PREFIX + "s:" + session_id, ALL_SESSIONS, PREFIX + "c:" + client]
-        args = [session_id, ran_on, state, answer, self.ttl_ms, frames, repr(first_at), repr(time.time())]
-        status, n = await self._run(
-            "commit", lambda: self._scripts["commit"](keys=keys, args=args), len(state) + len(answer)
-        )
-        return status.decode(), int(n)
+    async def commit(self, writes: list[Commit]) -> list[tuple[str, int] | Exception]:
+        """Write the states chunks left, each only if its session is still at
+        the ``ran_on`` it was run on: ("ok", n) applied, ("moved", n) another
+        engine got there first, ("gone", -1), or the error that write met.
+        Several writes (one batch's chunks) go in one round trip."""
+        calls = [self._commit_call(w) for w in writes]
+        nbytes = sum(len(w.state) + len(w.answer) + len(w.audio) for w in writes)
+        if len(calls) == 1:
+            keys, args = calls[0]
+            replies = [await self._run("commit", lambda: self._scripts["commit"](keys=keys, args=args), nbytes)]
+        else:
+            from redis.exceptions import NoScriptError
+
+            async def pipelined() -> list:
+                async with self._client().pipeline(transaction=False) as pipe:
+                    for keys, args in calls:
+                        pipe.evalsha(self._scripts["commit"].sha, len(keys), *keys, *args)
+                    return await pipe.execute(raise_on_error=False)
+
+            replies = await self._run("commit", pipelined, nbytes)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:  # a restarted or flushed Redis: load the script, write those again
+                await self._run("load", lambda: self._client().script_load(_COMMIT))
+                again = await self.commit([writes[i] for i in missing])
+                for i, reply in zip(missing, again):
+                    replies[i] = reply if isinstance(reply, Exception) else (reply[0].encode(), reply[1])
+        return [reply if isinstance(reply, Exception) else (reply[0].decode(), int(reply[1])) for reply in replies]
+
+    def _commit_call(self, w: Commit) -> tuple[list[str], list]:
+        keys = [PREFIX + "s:" + w.session_id, PREFIX + "a:" + w.session_id, ALL_SESSIONS, PREFIX + "c:" + w.client]
+        args = [w.session_id, w.ran_on, w.state, w.answer, self.ttl_ms, w.frames, repr(w.first_at), repr(time.time()),
+                w.audio, w.keep]  # fmt: skip
+        return keys, args
 
     async def position(self, session_id: str) -> tuple[int, StreamState, tuple[ChunkResult, int] | None]:
         key = PREFIX + "s:" + session_id
@@ -241,10 +309,11 @@ class RedisSessions:
 
         async def remove() -> list:
             async with r.pipeline(transaction=True) as pipe:
-                pipe.delete(key).zrem(ALL_SESSIONS, session_id).zrem(PREFIX + "c:" + client.decode(), session_id)
+                pipe.delete(key).delete(PREFIX + "a:" + session_id)
+                pipe.zrem(ALL_SESSIONS, session_id).zrem(PREFIX + "c:" + client.decode(), session_id)
                 return await pipe.execute()
 
-        deleted, _, _ = await self._run("close", remove)
+        deleted, _, _, _ = await self._run("close", remove)
         if not deleted:
             return None  # closed by another node meanwhile
         seconds = float(last_at) - float(first_at) if first_at and last_at else 0.0

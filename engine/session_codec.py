@@ -7,9 +7,12 @@ they are read or written, is the store's and ``engine.shared_streams``'s.
 
 The one idea: a decoded state gives bit-for-bit the frames the encoded one
 would have. Everything a later chunk reads is kept exactly (arrays as their
-own float32/float64 bytes, the blink generator's full state); the audio
-context is kept as its last window of samples in one piece, which is what
-every later window reads (how the pieces were cut changes no number).
+own float32/float64 bytes, the blink generator's full state). The audio
+context, most of a state's bytes, travels apart from the rest as pieces,
+so that a store can append each chunk's new audio instead of writing the
+whole window again: every later window reads only the last window of
+samples, and how the pieces were cut changes no number. A piece holds its
+samples as 16-bit integers where that is exact, else as float32.
 
 Layout: ``A2S1``, a little-endian u32 header length, a JSON header (scalars,
 and per array its name, dtype and shape), then the arrays back to back.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,6 +35,9 @@ from .protocol import ChunkResult
 
 MAGIC = b"A2S1"
 _HEAD = struct.Struct("<4sI")
+# A stored audio piece: one tag byte, then the samples.
+_INT16, _FLOAT32 = b"s", b"f"
+_INT16_STEP = np.float32(1 / 32768)
 
 
 class CodecError(ValueError):
@@ -70,14 +77,45 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     return header, arrays
 
 
-def _context(state: StreamState) -> np.ndarray:
-    if not state.context:
-        return np.zeros(0, dtype=np.float32)
+def audio_tail(state: StreamState, samples: int) -> bytes:
+    """The last ``samples`` of the session's audio context (at most a window)
+    as a stored piece (``encode_audio``), for ``decode_state``."""
+    samples = min(samples, WINDOW_SAMPLES)
+    if samples <= 0 or not state.context:
+        return b""
     joined = state.context[0] if len(state.context) == 1 else np.concatenate(state.context)
-    return joined[-WINDOW_SAMPLES:]
+    return encode_audio(joined[-samples:])
+
+
+def encode_audio(samples: np.ndarray) -> bytes:
+    """float32 samples as a stored piece: as 16-bit integers where that gives
+    back the very same bits (16-bit PCM, the usual input, is k/32768 once
+    decoded: half the bytes), else as they are."""
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    with np.errstate(invalid="ignore"):  # NaN or out of range: not exact, kept as float32
+        ints = (samples * np.float32(32768)).astype(np.int16)
+    if (ints.astype(np.float32) * _INT16_STEP).tobytes() == samples.tobytes():
+        return _INT16 + ints.tobytes()
+    return _FLOAT32 + samples.tobytes()
+
+
+def decode_audio(piece: bytes) -> np.ndarray:
+    """The float32 samples ``encode_audio`` stored."""
+    tag, body = piece[:1], memoryview(piece)[1:]
+    if tag == _INT16 and len(body) % 2 == 0:
+        return np.frombuffer(body, np.int16).astype(np.float32) * _INT16_STEP
+    if tag == _FLOAT32 and len(body) % 4 == 0:
+        return np.frombuffer(body, np.float32)
+    raise CodecError("not a piece of session audio")
+
+
+def piece_samples(piece: bytes) -> int:
+    """How many samples a stored piece holds (without decoding it)."""
+    return (len(piece) - 1) // (2 if piece[:1] == _INT16 else 4)
 
 
 def encode_state(state: StreamState) -> bytes:
+    """Everything of the state but its audio context (see ``audio_tail``)."""
     header = {
         "identity": int(state.identity),
         "rng": state.rng.bit_generator.state,
@@ -90,7 +128,6 @@ def encode_state(state: StreamState) -> bytes:
         "tuning": None,
     }
     arrays: dict[str, np.ndarray | None] = {
-        "context": _context(state),
         "previous_frames": state.previous_frames,
         "previous_volume": state.previous_volume,
         "tuned_last": state.tuned_last,
@@ -104,17 +141,20 @@ def encode_state(state: StreamState) -> bytes:
     return pack(header, arrays)
 
 
-def decode_state(data: bytes) -> StreamState:
+def decode_state(data: bytes, audio: Sequence[bytes] = ()) -> StreamState:
+    """The state ``encode_state`` wrote, with ``audio`` (float32 pieces, oldest
+    first) as its context; without them, the context is empty (enough to
+    say where a session stands, not to apply its next chunk)."""
     h, a = unpack(data)
     rng_state = h["rng"]
     rng = np.random.Generator(getattr(np.random, rng_state["bit_generator"])())
     rng.bit_generator.state = rng_state
-    context = a["context"]
+    joined = np.concatenate([decode_audio(piece) for piece in audio])[-WINDOW_SAMPLES:].copy() if len(audio) else None
     state = StreamState(
         identity=h["identity"],
         rng=rng,
         mode=ContextMode(h["mode"]),
-        context=(context,) if len(context) else (),
+        context=(joined,) if joined is not None and len(joined) else (),
         previous_frames=a.get("previous_frames"),
         previous_volume=a.get("previous_volume"),
         frames_sent=h["frames_sent"],

@@ -43,8 +43,10 @@ class Session:
     last_answer: Any = None
     last_digest: int | None = None
     # A shared store's copy (engine.shared_streams): False while this engine's
-    # copy may be behind the store (never read, or a write of unknown outcome).
+    # copy may be behind the store (never read, or a write of unknown outcome),
+    # and the samples in each audio piece the store holds (while current).
     current: bool = True
+    stored_audio: list[int] = field(default_factory=list)
 
     @property
     def in_flight(self) -> int:

@@ -3,10 +3,13 @@ redis://...``, ``engine.redis_sessions``), so that any engine on any node
 applies any chunk and a lost node loses no session.
 
 It owns a chunk's trip through the store: read the session before the chunk
-is planned (only its version when this engine's copy is current), write it
-back after the batch with a check that nobody moved the session on
-meanwhile, and answer only then. A chunk whose session moved on is undone
-and run again on the newer state; a chunk the store could not take is
+is planned (only its version when this engine's copy is current; nothing
+at all when the chunk's number says the copy is current, as it does while
+a balancer keeps a session's chunks on one node), write it back after the
+batch (the state, and the chunk's audio appended to the stored audio; a
+batch's chunks in one round trip) with a check that nobody moved the
+session on meanwhile, and answer only then. A chunk whose session moved on
+is undone and run again on the newer state; a chunk the store could not take is
 undone and answered 503. Everything else (queueing, planning, the batch,
 post-processing, numbered retries) is ``engine.streams``'s, unchanged.
 
@@ -24,14 +27,14 @@ import time
 import numpy as np
 
 from a2e import streaming
-from a2e.constants import SAMPLE_RATE
+from a2e.constants import SAMPLE_RATE, WINDOW_SAMPLES
 from a2e.loudness import LoudnessMode
 from runtime.settings import Settings
 
 from . import metrics
 from .protocol import ChunkOutOfOrder, ChunkResult, SessionClosed, SessionNotFound, SessionOpened, SessionPosition
-from .redis_sessions import RedisSessions
-from .session_codec import encode_answer, encode_state
+from .redis_sessions import Commit, RedisSessions, pieces_to_keep
+from .session_codec import audio_tail, encode_answer, encode_state
 from .sessions import Session
 from .streams import STREAM_SECONDS, StreamChunk, Streams, settled_by_index
 
@@ -48,6 +51,7 @@ class SharedStreams(Streams):
         self.store = RedisSessions(
             settings.state, settings.session_idle_timeout_s, settings.max_sessions, settings.max_sessions_per_client
         )
+        self._unwritten: list[tuple[StreamChunk, ChunkResult, float]] = []  # finished, to be written together
 
     def health(self) -> dict:
         return self.store.health()
@@ -93,7 +97,13 @@ class SharedStreams(Streams):
         if session.active is None and session.waiting:
             chunk = session.waiting.popleft()
             session.active = chunk
-            asyncio.ensure_future(self._read_then_plan(chunk))
+            if session.current and session.state is not None and chunk.index == session.chunks_done + 1:
+                # The next chunk by its number: run it on this copy without
+                # reading the store; the write's version check still refuses
+                # it if another engine moved the session on meanwhile.
+                self.plan(chunk)
+            else:
+                asyncio.ensure_future(self._read_then_plan(chunk))
 
     async def _read_then_plan(self, chunk: StreamChunk) -> None:
         session = chunk.session
@@ -108,6 +118,7 @@ class SharedStreams(Streams):
             return
         if fetched.state is not None:
             session.state, session.chunks_done, session.client = fetched.state, fetched.chunks_done, fetched.client
+            session.stored_audio = fetched.audio_pieces
         session.current = True
         session.last_answer, session.last_digest = fetched.last or (None, None)
         if chunk.replied:  # its client went away while the store answered
@@ -125,33 +136,50 @@ class SharedStreams(Streams):
         self.start_next(chunk.session)
 
     def succeed(self, chunk: StreamChunk, frames: np.ndarray, now: float) -> float:
-        """Write the session's new state, then answer (the audio seconds are
-        counted once the write has landed, so return 0 here)."""
+        """Queue the session's new state for writing, then answer once written
+        (the audio seconds are counted once the write has landed, so return
+        0 here). The chunks a batch finishes are written in one round trip."""
         session = chunk.session
         frames = streaming.tune(session.state, frames)
         result = ChunkResult(frames, session.chunks_done + 1, len(chunk.audio) / SAMPLE_RATE, chunk.start_time,
                              session.state.mode.value)  # fmt: skip
-        asyncio.ensure_future(self._write(chunk, result, now))
+        if not self._unwritten:
+            asyncio.get_running_loop().call_soon(self._write_batch)  # after the batch's last chunk
+        self._unwritten.append((chunk, result, now))
         return 0.0
 
-    async def _write(self, chunk: StreamChunk, result: ChunkResult, now: float) -> None:
-        session = chunk.session
+    def _write_batch(self) -> None:
+        batch, self._unwritten = self._unwritten, []
+        asyncio.ensure_future(self._write(batch))
+
+    async def _write(self, batch: list[tuple[StreamChunk, ChunkResult, float]]) -> None:
+        kept: list[list[int]] = []
         try:
-            state = encode_state(session.state)
-            answer = encode_answer(result, chunk.digest if chunk.digest is not None else -1)
-            status, n = await self.store.commit(
-                session.id, session.client, session.chunks_done, state, answer, session.state.frames_sent,
-                _wall_clock(session.first_chunk_at),
-            )  # fmt: skip
+            writes = []
+            for chunk, result, _ in batch:
+                write, stored = _commit_of(chunk, result)
+                writes.append(write)
+                kept.append(stored)
+            outcomes = await self.store.commit(writes)
         except Exception as exc:  # noqa: BLE001 - StateUnavailable: applied or not, the store will say
-            if not hasattr(exc, "retry_after_s"):
-                log.exception("writing session %s to the store failed", session.id)
+            outcomes = [exc] * len(batch)
+        for (chunk, result, now), stored, outcome in zip(batch, kept + [[]] * (len(batch) - len(kept)), outcomes):
+            if isinstance(outcome, Exception) and not hasattr(outcome, "retry_after_s"):
+                log.error("writing session %s to the store failed", chunk.session.id, exc_info=outcome)
+            self._written(chunk, result, now, stored, outcome)
+
+    def _written(self, chunk: StreamChunk, result: ChunkResult, now: float, stored: list[int],
+                 outcome: tuple[str, int] | Exception) -> None:  # fmt: skip
+        session = chunk.session
+        if isinstance(outcome, Exception):
             session.current = False
             self._undo(chunk)
-            self._finish(chunk, exc)
+            self._finish(chunk, outcome)
             return
+        status, n = outcome
         if status == "ok":
             session.chunks_done = n
+            session.stored_audio = stored
             session.last_used = session.last_answer_at = now
             session.last_answer, session.last_digest = result, chunk.digest
             STREAM_SECONDS.inc(result.audio_seconds)
@@ -177,6 +205,23 @@ class SharedStreams(Streams):
         session.waiting.appendleft(chunk)
         session.active = None
         self.start_next(session)
+
+
+def _commit_of(chunk: StreamChunk, result: ChunkResult) -> tuple[Commit, list[int]]:
+    """The store write for a finished chunk, and the samples of each audio
+    piece the store will hold once it lands."""
+    session = chunk.session
+    added = session.state.samples_received - chunk.saved["samples_received"]
+    pieces = [*session.stored_audio, added] if added else session.stored_audio
+    keep = pieces_to_keep(pieces)
+    if added >= WINDOW_SAMPLES:
+        pieces, keep = [WINDOW_SAMPLES], 0  # the chunk's last window replaces all
+    write = Commit(
+        session.id, session.client, session.chunks_done, encode_state(session.state),
+        encode_answer(result, chunk.digest if chunk.digest is not None else -1), session.state.frames_sent,
+        _wall_clock(session.first_chunk_at), audio_tail(session.state, added), keep,
+    )  # fmt: skip
+    return write, pieces[len(pieces) - keep :] if keep else pieces
 
 
 def _wall_clock(monotonic: float | None) -> float:

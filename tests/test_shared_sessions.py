@@ -10,6 +10,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import redis
 
 from a2e import streaming
 from a2e.backend import TorchBackend
@@ -17,7 +18,9 @@ from a2e.loudness import LoudnessMode
 from engine import metrics
 from engine.protocol import ChunkOutOfOrder, SessionLimitReached, SessionNotFound, StateUnavailable
 from engine.service import InferenceService
-from engine.session_codec import CodecError, decode_state, encode_state
+from engine.redis_sessions import pieces_to_keep
+from engine.session_codec import (CodecError, audio_tail, decode_audio, decode_state, encode_audio, encode_state,
+                                  piece_samples)  # fmt: skip
 from runtime.settings import Settings
 from tests.cluster_parts import RedisServer
 from tests.conftest import speech_like
@@ -41,21 +44,51 @@ def test_a_decoded_state_gives_the_same_frames_bit_for_bit(model, mode, loudness
     streams = InferenceService(Settings()).streams
     kept = streams.new_state(3, 1234, mode, LoudnessMode(loudness), tuning)
     moved = streams.new_state(3, 1234, mode, LoudnessMode(loudness), tuning)
-    for k, chunk in enumerate(chunks(6, 0.45)):
+    stored: list[bytes] = []  # the audio pieces as the store keeps them: each chunk's, the newest that hold a window
+    pcm16 = [(np.round(c * 32767) / 32768).astype(np.float32) for c in chunks(40, 0.05, seed=2)]  # stored as integers
+    for k, chunk in enumerate([*chunks(6, 0.45), *chunks(2, 2.5, seed=1), *pcm16]):
         a = streaming.tune(kept, streaming.push_chunk(kept, backend, chunk))
+        received = moved.samples_received
         b = streaming.tune(moved, streaming.push_chunk(moved, backend, chunk))
         assert np.array_equal(a, b), f"chunk {k}"
-        moved = decode_state(encode_state(moved))  # as if every chunk went to another node
+        stored.append(audio_tail(moved, moved.samples_received - received))
+        stored = stored[len(stored) - pieces_to_keep([piece_samples(p) for p in stored]) :]
+        moved = decode_state(encode_state(moved), stored)  # as if every chunk went to another node
     assert kept.frames_sent == moved.frames_sent and kept.samples_received == moved.samples_received
 
 
-def test_a_state_is_a_window_of_audio_and_a_little_more():
+def test_a_state_without_its_audio_is_small_and_its_audio_a_window_at_most():
     streams = InferenceService(Settings()).streams
     state = streams.new_state(0, 1, "continuous", LoudnessMode.OFF, None)
-    state.context = (np.ones(40000, np.float32), np.ones(3000, np.float32))
-    blob = encode_state(state)
-    assert 34133 * 4 < len(blob) < 34133 * 4 + 2000
-    assert len(decode_state(blob).context[0]) == 34133
+    state.context = (np.ones(40000, np.float32), np.arange(3000, dtype=np.float32))
+    assert len(encode_state(state)) < 2000
+    assert len(audio_tail(state, 10**6)) == 1 + 34133 * 4  # 3000 samples are not k/32768: float32
+    assert np.array_equal(decode_audio(audio_tail(state, 3000)), np.arange(3000))
+    decoded = decode_state(encode_state(state), [encode_audio(piece) for piece in state.context])
+    assert len(decoded.context[0]) == 34133 and np.array_equal(decoded.previous_audio, state.previous_audio)
+    assert decode_state(encode_state(state)).context == ()  # where a session stands needs no audio
+
+
+def test_audio_is_stored_as_16_bit_integers_only_where_that_is_exact():
+    pcm = (np.arange(-32768, 32768, 7, dtype=np.int32).astype(np.float32) / 32768).astype(np.float32)
+    piece = encode_audio(pcm)
+    assert len(piece) == 1 + 2 * len(pcm) and piece_samples(piece) == len(pcm)
+    assert decode_audio(piece).tobytes() == pcm.tobytes()
+    for inexact in (pcm * np.float32(0.9), np.array([1.0, 0.5], np.float32), np.array([np.nan], np.float32),
+                    np.array([-0.0, 0.5], np.float32)):  # fmt: skip
+        piece = encode_audio(inexact)
+        assert len(piece) == 1 + 4 * len(inexact) and piece_samples(piece) == len(inexact)
+        assert decode_audio(piece).tobytes() == inexact.tobytes()
+    with pytest.raises(CodecError):
+        decode_audio(b"x123")
+
+
+def test_pieces_to_keep_are_the_fewest_newest_that_hold_a_window():
+    assert pieces_to_keep([]) == 0
+    assert pieces_to_keep([16000, 16000]) == 2  # fewer than a window: all
+    assert pieces_to_keep([16000, 16000, 16000]) == 3
+    assert pieces_to_keep([16000, 16000, 16000, 16000]) == 3
+    assert pieces_to_keep([5, 34133]) == 1
 
 
 def test_bytes_that_are_not_a_state_are_refused():
@@ -111,6 +144,59 @@ async def test_chunks_spread_over_engines_give_the_frames_of_one_engine(engines)
     closed = await b.close_session(ids["shared"])
     assert closed.chunks == 6 and closed.frames == sum(map(len, got["shared"]))
     assert await a.close_session(ids["shared"]) is None
+
+
+async def test_numbered_chunks_of_any_size_on_any_engine_give_the_frames_of_one_engine(engines, redis_server):
+    a, b, memory = engines
+    sid = (await a.open_session(2, 31, "continuous", client="c")).session_id
+    ref = (await memory.open_session(2, 31, "continuous")).session_id
+    sizes = [0.5, 0.05, 0.05, 3.0, 0.3, 1.0, 0.02, 2.2, 0.7, 0.1, 0.1, 0.1]
+    audio = speech_like(sum(sizes) + 0.1, seed=8)
+    cuts = np.cumsum([0, *[int(s * 16000) for s in sizes]])
+    # Runs on one engine (which skips reading the store) and switches (which read it).
+    route = [a, a, a, b, b, a, b, b, b, a, a, b]
+    reads = _fetches()
+    for k, (engine_, start, end) in enumerate(zip(route, cuts[:-1], cuts[1:])):
+        got = await engine_.stream_chunk(sid, audio[start:end], chunk_index=k + 1)
+        want = await memory.stream_chunk(ref, audio[start:end])
+        assert got.chunk_index == k + 1 and np.array_equal(got.frames, want.frames), f"chunk {k + 1}"
+    assert _fetches() - reads == 5  # one per switch of engine
+    pieces = [piece_samples(p) for p in redis.Redis.from_url(redis_server.url).lrange(f"a2e:a:{sid}", 0, -1)]
+    assert sum(pieces) >= 34133 > sum(pieces[1:]), pieces  # the audio a window needs, and no more pieces
+
+
+def _fetches() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("a2e_state_store_seconds_count", {"op": "fetch"}) or 0.0
+
+
+async def test_the_chunks_of_one_batch_are_written_in_one_round_trip(checkpoint, config_file, redis_server, engines):
+    waiting = engine(checkpoint, config_file, state=redis_server.url, max_wait_ms=200.0)  # one batch for all four
+    memory = engines[2]
+    try:
+        ids = [(await waiting.open_session(k, 40 + k, "continuous", client=f"c{k}")).session_id for k in range(4)]
+        refs = [(await memory.open_session(k, 40 + k, "continuous")).session_id for k in range(4)]
+        redis.Redis.from_url(redis_server.url).script_flush()  # as after a Redis restart: the first batch loads it
+        for round_ in range(2):
+            audio = [chunks(2, seed=k)[round_] for k in range(4)]
+            writes = _commits()
+            got = await asyncio.gather(*(waiting.stream_chunk(sid, a, chunk_index=round_ + 1) for sid, a in zip(ids, audio)))
+            assert _commits() - writes == (2 if round_ == 0 else 1)  # a batch, and once the script is loaded again
+            # As one engine gives them one by one, to within what a batch's makeup changes (not bit for bit).
+            for sid, ref, a, answer in zip(ids, refs, audio, got):
+                assert answer.chunk_index == round_ + 1
+                assert np.abs(answer.frames - (await memory.stream_chunk(ref, a)).frames).max() < 1e-5
+        assert (await engines[0].session_position(ids[3])).chunks == 2  # written for every engine to see
+    finally:
+        waiting.close()
+        await waiting.streams.store.aclose()
+
+
+def _commits() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("a2e_state_store_seconds_count", {"op": "commit"}) or 0.0
 
 
 async def test_a_retried_chunk_is_answered_again_and_not_applied_twice(engines):
