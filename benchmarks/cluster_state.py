@@ -1,10 +1,13 @@
 """What the shared session store costs, in one run on this machine:
 
 1. Per chunk (``--sessions`` paced REST sessions of 1 s chunks behind
-   HAProxy): serving CPU (nodes and redis-server, from /proc) per chunk,
-   latency, and state bytes per chunk, for the memory store (one node), the
-   Redis store with HAProxy hashing on the session (X-Session-Id) over two
-   nodes, and the Redis store with round robin over the same two nodes.
+   HAProxy, numbered with chunk_index as a2e_client sends them): serving CPU
+   (nodes and redis-server, from /proc) per chunk, latency, and state bytes
+   and operations per chunk, for the memory store (one node), the Redis
+   store on one node, the Redis store with HAProxy hashing on the session
+   (X-Session-Id) over two nodes (numbered chunks and, as the API
+   document's clients send them, unnumbered), and round robin over the same
+   two nodes.
 2. Real-time capacity: the largest number of paced a2e-lite sessions that
    all keep real time, one node with the memory store against three nodes,
    HAProxy and Redis on the same cores (this shows the cost, not the scale).
@@ -43,55 +46,65 @@ def _series_sum(text: str, name: str, label: str = "") -> float:
                if line.startswith(name) and label in line and not line.startswith("#"))  # fmt: skip
 
 
-def _store_bytes(nodes: list[Node]) -> dict:
+def _store_bytes(nodes: list[Node]) -> dict[str, tuple[float, float]]:
+    """Per store operation: bytes moved and operations, summed over the nodes so far."""
     text = "\n".join(requests.get(n.url + "/metrics", timeout=5).text for n in nodes)
-    out = {}
-    for op in ("create", "fetch", "commit"):
-        count = _series_sum(text, "a2e_state_store_bytes_count", f'op="{op}"')
-        total = _series_sum(text, "a2e_state_store_bytes_sum", f'op="{op}"')
-        out[op] = round(total / count) if count else 0
-    return out
+    return {op: (_series_sum(text, "a2e_state_store_bytes_sum", f'op="{op}"'),
+                 _series_sum(text, "a2e_state_store_seconds_count", f'op="{op}"'))
+            for op in ("fetch", "commit")}  # fmt: skip
 
 
-def cost_run(label: str, nodes: list[Node], proxy: HAProxy, redis: RedisServer | None, n: int, seconds: int) -> dict:
+def cost_run(label: str, nodes: list[Node], proxy: HAProxy, redis: RedisServer | None, n: int, seconds: int,
+             numbered: bool) -> dict:  # fmt: skip
     pids = [p for node in nodes for p in tree(node.proc.pid)] + ([redis.proc.pid] if redis else [])
     chunks = speech_chunks(16, 1.0)
-    asyncio.run(run_level(proxy.url, min(n, 4), 2, chunks, 1.0))  # warm every node's paths
+    asyncio.run(run_level(proxy.url, min(n, 4), 2, chunks, 1.0, numbered))  # warm every node's paths
+    before = _store_bytes(nodes) if redis else None
     cpu0 = cpu_s(pids)
-    row = asyncio.run(run_level(proxy.url, n, seconds, chunks, 1.0))
+    row = asyncio.run(run_level(proxy.url, n, seconds, chunks, 1.0, numbered))
     cpu = cpu_s(pids) - cpu0
     row.update(config=label, chunks=n * seconds, serving_cpu_ms_per_chunk=round(1000 * cpu / (n * seconds), 3))
     if redis is not None:
-        row["state_bytes_per_op"] = _store_bytes(nodes)
-    print(f"{label:>22}: {row['serving_cpu_ms_per_chunk']:.2f} ms CPU/chunk  p50={row['p50']:.3f} p99={row['p99']:.3f} "
-          f"kept={row['kept_real_time']}/{n} errors={row['errors']} bytes={row.get('state_bytes_per_op')}", flush=True)  # fmt: skip
+        after = _store_bytes(nodes)
+        row["state_bytes_per_chunk"] = {op: round((after[op][0] - before[op][0]) / (n * seconds)) for op in after}
+        row["state_ops_per_chunk"] = {op: round((after[op][1] - before[op][1]) / (n * seconds), 3) for op in after}
+    print(f"{label:>34}: {row['serving_cpu_ms_per_chunk']:.2f} ms CPU/chunk  p50={row['p50']:.3f} p99={row['p99']:.3f} "
+          f"kept={row['kept_real_time']}/{n} errors={row['errors']} bytes/chunk={row.get('state_bytes_per_chunk')} "
+          f"ops/chunk={row.get('state_ops_per_chunk')}", flush=True)  # fmt: skip
     return row
 
 
+# (label, nodes, balance, numbered chunks). Every configuration counts the CPU of
+# the nodes that serve it and of redis-server; one HAProxy runs at a time, so
+# each node answers the same health checks in every row.
+COST_CONFIGS = [
+    ("memory, one node", 1, None, True),
+    ("redis, one node", 1, "roundrobin", True),
+    ("redis, 2 nodes, session hash", 2, "session", True),
+    ("redis, 2 nodes, session hash, unnumbered", 2, "session", False),
+    ("redis, 2 nodes, round robin", 2, "roundrobin", True),
+]
+
+
 def part_cost(args, work: Path) -> list[dict]:
-    redis = RedisServer(work).start()
+    redis = RedisServer(work, fsync="everysec").start()  # as deploy/ runs it
     rows = []
     try:
-        memory = Node(NODE_ARGS).start()
+        memory = Node(NODE_ARGS)
         shared = [Node([*NODE_ARGS, "--state", redis.url]) for _ in range(2)]
-        for node in shared:
+        for node in [memory, *shared]:
             node.start(wait=False)
-        for node in shared:
+        for node in [memory, *shared]:
             node.wait_healthy()
-        proxies = {
-            "memory, one node": HAProxy(work, [memory.port]).start(),
-            "redis, session hash": HAProxy(work, [n.port for n in shared], balance="session").start(),
-            "redis, round robin": HAProxy(work, [n.port for n in shared]).start(),
-        }
-        time.sleep(1.5)  # health checks up
         for repeat in range(args.repeats):  # alternating, so drift in the machine hits all alike
-            for label, proxy in proxies.items():
-                nodes, store = ([memory], None) if label.startswith("memory") else (shared, redis)
-                row = cost_run(label, nodes, proxy, store, args.sessions, args.seconds)
+            for label, count, balance, numbered in COST_CONFIGS:
+                nodes, store = ([memory], None) if balance is None else (shared[:count], redis)
+                proxy = HAProxy(work, [node.port for node in nodes], balance or "roundrobin").start()
+                time.sleep(1.5)  # health checks up
+                row = cost_run(label, nodes, proxy, store, args.sessions, args.seconds, numbered)
+                proxy.stop()
                 row["repeat"] = repeat
                 rows.append(row)
-        for proxy in proxies.values():
-            proxy.stop()
         for node in [memory, *shared]:
             node.stop()
     finally:
@@ -99,6 +112,10 @@ def part_cost(args, work: Path) -> list[dict]:
     base = [r["serving_cpu_ms_per_chunk"] for r in rows if r["config"].startswith("memory")]
     for r in rows:
         r["cpu_ratio_to_memory"] = round(r["serving_cpu_ms_per_chunk"] / (sum(base) / len(base)), 3)
+    print("CPU per chunk against the memory store (median of repeats):")
+    for label, *_ in COST_CONFIGS:
+        ratios = sorted(r["cpu_ratio_to_memory"] for r in rows if r["config"] == label)
+        print(f"{label:>42}: {ratios[len(ratios) // 2]:.3f}  (all: {ratios})")
     return rows
 
 

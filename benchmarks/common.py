@@ -92,9 +92,12 @@ def speech_chunks(n: int, seconds: float = 1.0) -> list[bytes]:
     return out
 
 
-def multipart(session_id: str, chunk: bytes) -> bytes:
+def multipart(session_id: str, chunk: bytes, chunk_index: int | None = None) -> bytes:
+    numbered = "" if chunk_index is None else (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="chunk_index"\r\n\r\n{chunk_index}\r\n'
+    )
     return (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="session_id"\r\n\r\n{session_id}\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="session_id"\r\n\r\n{session_id}\r\n{numbered}'
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="audio_chunk"; filename="c.wav"\r\n'
         f"Content-Type: audio/wav\r\n\r\n"
     ).encode() + chunk + f"\r\n--{BOUNDARY}--\r\n".encode()
@@ -137,7 +140,7 @@ class Connection:
             self.writer.close()
 
 
-async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results, chunk_s=1.0):
+async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results, chunk_s=1.0, numbered=False):
     u = urlparse(url)
     conn = Connection(u.hostname, u.port or 80)
     status, body = await conn.request("POST", "/api/infer_stream_init", json.dumps({"id_idx": index % 12}).encode())
@@ -145,7 +148,8 @@ async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results
         results.append({"error": f"init {status}"})
         return
     sid = json.loads(body)["session_id"]
-    bodies = [multipart(sid, chunks[(index + k) % len(chunks)]) for k in range(n_chunks)]
+    # numbered: chunk_index on every chunk, as a2e_client and locust send it.
+    bodies = [multipart(sid, chunks[(index + k) % len(chunks)], k + 1 if numbered else None) for k in range(n_chunks)]
     ctype = f"multipart/form-data; boundary={BOUNDARY}"
     offset = chunk_s * index / n_sessions  # spread sessions over a chunk's time, as independent clients would be
     latencies, on_time, errors = [], True, 0
@@ -167,10 +171,11 @@ async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results
     results.append({"latencies": latencies, "on_time": on_time and errors == 0, "errors": errors})
 
 
-async def run_level(url: str, n: int, n_chunks: int, chunks: list[bytes], chunk_s: float = 1.0) -> dict:
+async def run_level(url: str, n: int, n_chunks: int, chunks: list[bytes], chunk_s: float = 1.0,
+                    numbered: bool = False) -> dict:  # fmt: skip
     results: list[dict] = []
     t_start = time.perf_counter() + 0.5
-    await asyncio.gather(*(run_session(url, i, n, chunks, n_chunks, t_start, results, chunk_s) for i in range(n)))
+    await asyncio.gather(*(run_session(url, i, n, chunks, n_chunks, t_start, results, chunk_s, numbered) for i in range(n)))
     lat = np.array([x for r in results if "latencies" in r for x in r["latencies"]])
     first = np.array([r["latencies"][0] for r in results if "latencies" in r])
     kept = sum(1 for r in results if r.get("on_time"))

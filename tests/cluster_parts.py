@@ -52,10 +52,12 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
 
 class RedisServer:
     """A redis-server with its append-only file on (as deploy/ runs it), so a
-    restart keeps the sessions, as a production Redis does."""
+    restart keeps the sessions, as a production Redis does. The tests sync it
+    on every write ("always"); deploy/ and the benchmarks, once a second."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, fsync: str = "always") -> None:
         self.binary = require("redis-server")
+        self.fsync = fsync
         self.dir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -67,7 +69,7 @@ class RedisServer:
     def start(self) -> "RedisServer":
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"],
+             "--appendonly", "yes", "--appendfsync", self.fsync, "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_for_port(self.port)
@@ -85,22 +87,37 @@ class RedisServer:
 
 class HAProxy:
     """HAProxy in front of nodes: round-robin, or hashing on the session id
-    (the lines the README documents, from deploy/haproxy/haproxy.cfg)."""
+    (the lines the README documents, from deploy/haproxy/haproxy.cfg); with
+    ``grpc_ports`` (the nodes' gRPC ports, in the order of ``node_ports``),
+    also a TCP frontend for Audio2Face-3D gRPC streams, as deploy/ has."""
 
-    def __init__(self, workdir: Path, node_ports: list[int], balance: str = "roundrobin", max_body_mb: float = 50.0) -> None:
+    def __init__(self, workdir: Path, node_ports: list[int], balance: str = "roundrobin", max_body_mb: float = 50.0,
+                 grpc_ports: list[int] | None = None) -> None:  # fmt: skip
         self.binary = require("haproxy")
         self.port = free_port()
+        self.grpc_port = free_port() if grpc_ports else 0
         self.cfg = workdir / f"haproxy-{self.port}.cfg"
         servers = "\n".join(
             f"    server node{i} 127.0.0.1:{p} check inter 500ms fall 2 rise 1" for i, p in enumerate(node_ports)
         )
-        self.cfg.write_text(HAPROXY_TEMPLATE.format(port=self.port, balance=BALANCE[balance], servers=servers,
-                                                    max_body=int(max_body_mb * 1024 * 1024)))  # fmt: skip
+        text = HAPROXY_TEMPLATE.format(port=self.port, balance=BALANCE[balance], servers=servers,
+                                       max_body=int(max_body_mb * 1024 * 1024))  # fmt: skip
+        if grpc_ports:
+            grpc_servers = "\n".join(
+                f"    server node{i} 127.0.0.1:{g} check port {p} inter 500ms fall 2 rise 1"
+                for i, (g, p) in enumerate(zip(grpc_ports, node_ports))
+            )
+            text += GRPC_TEMPLATE.format(port=self.grpc_port, servers=grpc_servers)
+        self.cfg.write_text(text)
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def start(self) -> "HAProxy":
         check = subprocess.run([self.binary, "-c", "-f", str(self.cfg)], capture_output=True, text=True)
@@ -151,13 +168,30 @@ backend nodes
 {servers}
 """
 
+# One HTTP/2 connection carries one Audio2Face-3D stream: TCP balancing is
+# enough, with the nodes' readiness checked on their HTTP port.
+GRPC_TEMPLATE = """\
+frontend lam_a2e_grpc
+    mode tcp
+    bind 127.0.0.1:{port}
+    default_backend grpc_nodes
+backend grpc_nodes
+    mode tcp
+    balance roundrobin
+    option httpchk GET /api/ready
+    http-check expect status 200
+{servers}
+"""
+
 
 class Node:
-    """One server node (api_server.py) sharing the Redis store."""
+    """One server node (api_server.py) sharing the Redis store; with ``grpc``,
+    its Audio2Face-3D gRPC API on a port of its own."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, grpc: bool = False) -> None:
         self.port = free_port()
-        self.args = args
+        self.grpc_port = free_port() if grpc else 0
+        self.args = [*args, "--grpc-port", str(self.grpc_port)] if grpc else args
         self.env = dict(os.environ, A2E_LOG_LEVEL="warning", **(env or {}))
         self.proc: subprocess.Popen | None = None
 
@@ -215,11 +249,12 @@ class Cluster:
     """Redis, ``len(node_args)`` nodes on it and HAProxy in front: a cluster on loopback."""
 
     def __init__(self, workdir: Path, node_args: list[list[str]], balance: str = "roundrobin",
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, grpc: bool = False) -> None:  # fmt: skip
         self.redis = RedisServer(workdir)
-        self.nodes = [Node([*args, "--state", self.redis.url], env) for args in node_args]
+        self.nodes = [Node([*args, "--state", self.redis.url], env, grpc) for args in node_args]
         max_body = float((env or {}).get("A2E_MAX_UPLOAD_MB", 50.0))
-        self.proxy = HAProxy(workdir, [n.port for n in self.nodes], balance, max_body)
+        grpc_ports = [n.grpc_port for n in self.nodes] if grpc else None
+        self.proxy = HAProxy(workdir, [n.port for n in self.nodes], balance, max_body, grpc_ports)
 
     @property
     def url(self) -> str:

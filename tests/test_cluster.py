@@ -1,6 +1,7 @@
 """Three nodes sharing a real redis-server behind a real HAProxy, driven by our
 client as users drive it: sessions spread over nodes give one node's frames,
-a balancer hashing on the session keeps them on one node, raced chunks are
+a balancer hashing on the session keeps them on one node, gRPC streams
+through the balancer's TCP frontend reach every node, raced chunks are
 applied once each, an engine restart and a Redis restart lose no session, a
 WebSocket stream resumes on another node, and a node killed with SIGKILL in
 the middle of 50 sessions loses and doubles no frame.
@@ -14,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -21,6 +23,7 @@ import requests
 from a2e_client import Client
 from tests.cluster_parts import Cluster, HAProxy
 from tests.conftest import speech_like
+from tests.test_ace_grpc import header, run_stream
 
 CHUNK_S = 0.5
 
@@ -29,7 +32,7 @@ CHUNK_S = 0.5
 def cluster(tmp_path_factory, checkpoint, config_file):
     model = ["--config-file", str(config_file), "--weight", str(checkpoint)]
     nodes = [model, model, [*model, "--workers", "1", "--devices", "cpu", "--health-detail"]]
-    made = Cluster(tmp_path_factory.mktemp("cluster"), nodes).start()
+    made = Cluster(tmp_path_factory.mktemp("cluster"), nodes, grpc=True).start()
     yield made
     made.stop()
 
@@ -112,6 +115,29 @@ def test_a_balancer_hashing_on_the_session_keeps_its_chunks_on_one_node(cluster,
             assert np.array_equal(frames_of(answers), frames_of(run_session(spread, seed, chunks)))
     finally:
         proxy.stop()
+
+
+def test_grpc_streams_through_the_balancer_reach_every_node_with_the_frames_of_one(cluster):
+    pcm_ = np.frombuffer(b"".join(pcm(3.0, 51)), "<i2")
+    direct = run_stream(f"127.0.0.1:{cluster.nodes[0].grpc_port}", header(ints={"seed": 51}), pcm_)
+    assert direct.code == grpc.StatusCode.OK, direct.details
+    before = _grpc_answers(cluster)
+    for _ in range(len(cluster.nodes)):  # one connection each: round robin gives each to the next node
+        through = run_stream(cluster.proxy.grpc_target, header(ints={"seed": 51}), pcm_)
+        assert through.code == grpc.StatusCode.OK, through.details
+        assert len(through.frames) == 90 and np.array_equal(through.weights, direct.weights)
+    after = _grpc_answers(cluster)
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
+def _grpc_answers(cluster) -> list[float]:
+    """Each node's gRPC answers so far."""
+    counts = []
+    for node in cluster.nodes:
+        text = requests.get(node.url + "/metrics", timeout=5).text
+        counts.append(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.startswith('a2e_stream_answers_total{transport="grpc"')))  # fmt: skip
+    return counts
 
 
 def _post_chunk(url: str, session_id: str, chunk: bytes, index: int | None = None) -> requests.Response:
