@@ -15,9 +15,10 @@
     python benchmarks/cluster_state.py                      # both parts
     python benchmarks/cluster_state.py --part cost --sessions 20 --seconds 20
     python benchmarks/cluster_state.py --part capacity --levels 40 60 80 100 120
+    python benchmarks/cluster_state.py --part cost --model lam --sessions 3 --seconds 10
 
 Needs redis-server and haproxy (Debian's packages). Writes
-benchmarks/out/cluster_state.json.
+benchmarks/out/cluster_state[_<part>][_lam].json.
 """
 
 from __future__ import annotations
@@ -35,10 +36,17 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_s, machine, run_level, save, speech_chunks, tree  # noqa: E402
+from benchmarks.common import cpu_s, machine, released_checkpoint, run_level, save, speech_chunks, tree  # noqa: E402
 from tests.cluster_parts import HAProxy, Node, RedisServer  # noqa: E402 - the same real parts the tests start
 
-NODE_ARGS = ["--model", "a2e-lite", "--grpc-port", "0", "--max-sessions-per-client", "1000000", "--max-sessions", "100000"]
+NODE_ARGS = ["--grpc-port", "0", "--max-sessions-per-client", "1000000", "--max-sessions", "100000"]
+
+
+def node_args(model: str) -> list[str]:
+    """A node's flags: a2e-lite, or LAM-A2E with random weights of the released layout."""
+    if model == "lam":
+        return [*NODE_ARGS, "--model", "lam", "--weight", str(released_checkpoint())]
+    return [*NODE_ARGS, "--model", model]
 
 
 def _series_sum(text: str, name: str, label: str = "") -> float:
@@ -90,8 +98,8 @@ def part_cost(args, work: Path) -> list[dict]:
     redis = RedisServer(work, fsync="everysec").start()  # as deploy/ runs it
     rows = []
     try:
-        memory = Node(NODE_ARGS)
-        shared = [Node([*NODE_ARGS, "--state", redis.url]) for _ in range(2)]
+        memory = Node(node_args(args.model))
+        shared = [Node([*node_args(args.model), "--state", redis.url]) for _ in range(2)]
         for node in [memory, *shared]:
             node.start(wait=False)
         for node in [memory, *shared]:
@@ -135,7 +143,7 @@ def capacity(url: str, label: str, levels: list[int], n_chunks: int) -> dict:
 
 def part_capacity(args, work: Path) -> list[dict]:
     out = []
-    one = Node(NODE_ARGS).start()
+    one = Node(node_args(args.model)).start()
     proxy = HAProxy(work, [one.port]).start()
     time.sleep(1.5)
     out.append(capacity(proxy.url, "one node, memory store", args.levels, args.chunks))
@@ -143,7 +151,7 @@ def part_capacity(args, work: Path) -> list[dict]:
     one.stop()
     redis = RedisServer(work).start()
     try:
-        nodes = [Node([*NODE_ARGS, "--state", redis.url]) for _ in range(3)]
+        nodes = [Node([*node_args(args.model), "--state", redis.url]) for _ in range(3)]
         for node in nodes:
             node.start(wait=False)
         for node in nodes:
@@ -164,19 +172,22 @@ def part_capacity(args, work: Path) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["cost", "capacity", "both"], default="both")
+    p.add_argument("--model", choices=["a2e-lite", "lam"], default="a2e-lite",
+                   help="lam: LAM-A2E with random weights of the released layout (what the store costs beside the real model)")
     p.add_argument("--sessions", type=int, default=20, help="paced sessions in the cost part")
     p.add_argument("--seconds", type=int, default=20, help="chunks per session in the cost part")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--levels", type=int, nargs="+", default=[20, 40, 60, 80, 100, 120, 140, 160])
     p.add_argument("--chunks", type=int, default=10, help="chunks per session in the capacity part")
     args = p.parse_args()
-    result = {"machine": machine(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
+    result = {"machine": machine(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "model": args.model}
     with tempfile.TemporaryDirectory() as work:
         if args.part in ("cost", "both"):
             result["cost"] = part_cost(args, Path(work))
         if args.part in ("capacity", "both"):
             result["capacity"] = part_capacity(args, Path(work))
-    print("wrote", save("cluster_state", result))
+    name = "_".join(["cluster_state", *([args.part] if args.part != "both" else []), *([args.model] if args.model != "a2e-lite" else [])])
+    print("wrote", save(name, result))
 
 
 if __name__ == "__main__":

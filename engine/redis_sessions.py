@@ -47,8 +47,9 @@ log = logging.getLogger("a2e.state")
 PREFIX = "a2e:"
 ALL_SESSIONS = PREFIX + "sessions"
 CONNECT_TIMEOUT_S = 1.0
-# Longer than any one operation on a healthy store (a state is ~150 KB):
-# past it the store counts as unreachable and the chunk is answered 503.
+# Longer than any one operation on a healthy store (a chunk's write is ~50 KB,
+# a full read ~120 KB): past it the store counts as unreachable and the chunk
+# is answered 503.
 OPERATION_TIMEOUT_S = 2.0
 
 _NOW = """

@@ -75,6 +75,15 @@ class RedisServer:
         wait_for_port(self.port)
         return self
 
+    def servers(self) -> dict[tuple[str, str], str]:
+        """Each server's state as HAProxy sees it: (backend, server) -> "UP", "DOWN", ...."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.stats_socket))
+            sock.sendall(b"show stat\n")
+            text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+        rows = [line.split(",") for line in text.splitlines() if line and not line.startswith("#")]
+        return {(r[0], r[1]): r[17] for r in rows if r[1] not in ("FRONTEND", "BACKEND")}
+
     def stop(self) -> None:
         _terminate(self.proc)
         self.proc = None
@@ -100,7 +109,8 @@ class HAProxy:
         servers = "\n".join(
             f"    server node{i} 127.0.0.1:{p} check inter 500ms fall 2 rise 1" for i, p in enumerate(node_ports)
         )
-        text = HAPROXY_TEMPLATE.format(port=self.port, balance=BALANCE[balance], servers=servers,
+        self.stats_socket = workdir / f"haproxy-{self.port}.sock"
+        text = HAPROXY_TEMPLATE.format(port=self.port, balance=BALANCE[balance], servers=servers, stats=self.stats_socket,
                                        max_body=int(max_body_mb * 1024 * 1024))  # fmt: skip
         if grpc_ports:
             grpc_servers = "\n".join(
@@ -126,6 +136,15 @@ class HAProxy:
         wait_for_port(self.port)
         return self
 
+    def servers(self) -> dict[tuple[str, str], str]:
+        """Each server's state as HAProxy sees it: (backend, server) -> "UP", "DOWN", ...."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.stats_socket))
+            sock.sendall(b"show stat\n")
+            text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+        rows = [line.split(",") for line in text.splitlines() if line and not line.startswith("#")]
+        return {(r[0], r[1]): r[17] for r in rows if r[1] not in ("FRONTEND", "BACKEND")}
+
     def stop(self) -> None:
         _terminate(self.proc)
 
@@ -147,6 +166,7 @@ BALANCE = {
 HAPROXY_TEMPLATE = """\
 global
     maxconn 4096
+    stats socket {stats} mode 600 level user
 defaults
     mode http
     timeout connect 2s

@@ -93,8 +93,9 @@ class Result:
         return np.array(self.frames, dtype=np.float32)
 
 
-def run_stream(target, first, pcm=None, chunk=None, lockstep=False, end=True, rate=16000) -> Result:
-    """One ProcessAudioStream call. ``lockstep``: send a chunk, wait for its frames, send the next."""
+def run_stream(target, first, pcm=None, chunk=None, lockstep=False, end=True, rate=16000, options=()) -> Result:
+    """One ProcessAudioStream call. ``lockstep``: send a chunk, wait for its frames, send the next.
+    ``options``: the channel's arguments."""
     outbox: queue.Queue = queue.Queue()
 
     def requests_():
@@ -102,7 +103,7 @@ def run_stream(target, first, pcm=None, chunk=None, lockstep=False, end=True, ra
             yield m
 
     result = Result()
-    with grpc.insecure_channel(target) as channel:
+    with grpc.insecure_channel(target, options=list(options)) as channel:
         call = p.services.A2FControllerServiceStub(channel).ProcessAudioStream(requests_(), timeout=60)
         answers = iter(call)
 

@@ -122,12 +122,15 @@ def test_grpc_streams_through_the_balancer_reach_every_node_with_the_frames_of_o
     direct = run_stream(f"127.0.0.1:{cluster.nodes[0].grpc_port}", header(ints={"seed": 51}), pcm_)
     assert direct.code == grpc.StatusCode.OK, direct.details
     before = _grpc_answers(cluster)
-    for _ in range(len(cluster.nodes)):  # one connection each: round robin gives each to the next node
-        through = run_stream(cluster.proxy.grpc_target, header(ints={"seed": 51}), pcm_)
+    # A connection of its own for each stream (gRPC shares one between channels
+    # to the same address otherwise), so round robin gives each to the next node.
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    for _ in range(len(cluster.nodes)):
+        through = run_stream(cluster.proxy.grpc_target, header(ints={"seed": 51}), pcm_, options=own_connection)
         assert through.code == grpc.StatusCode.OK, through.details
         assert len(through.frames) == 90 and np.array_equal(through.weights, direct.weights)
     after = _grpc_answers(cluster)
-    assert all(a > b for a, b in zip(after, before)), (before, after)
+    assert all(a > b for a, b in zip(after, before)), (before, after, cluster.proxy.servers())
 
 
 def _grpc_answers(cluster) -> list[float]:
@@ -206,6 +209,8 @@ def test_redis_stopped_and_started_mid_run_answers_503_then_goes_on(cluster):
         time.sleep(0.5)
     errors = [line for line in cluster.metrics().splitlines() if line.startswith("a2e_state_store_errors_total{")]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in errors) >= 1
+    print(json.dumps({"sessions": 1, "chunks": len(chunks), "requests_retried": client.sent - len(chunks) - 2,
+                      "statuses": client.statuses, "frames": len(frames_of(answers))}))  # fmt: skip
 
 
 def test_a_websocket_stream_resumes_on_another_node(cluster, tmp_path):
@@ -266,4 +271,8 @@ def test_a_node_killed_in_the_middle_of_50_sessions_loses_no_frame(cluster):
         assert np.abs(frames_of(results[seed]) - frames_of(run_session(alone, seed, chunk_lists[seed]))).max() < 1e-5
     sent = sum(len(c) for c in chunk_lists.values())
     retried = client.sent - sent - 2 * len(seeds)  # beyond one request per chunk, open and close
-    print(json.dumps({"sessions": len(seeds), "chunks": sent, "requests_retried": retried, "statuses": client.statuses}))
+    expected = sum(-(-sum(len(c) // 2 for c in chunk_lists[seed]) * 30 // 16000) for seed in seeds)
+    received = sum(len(frames_of(answers)) for answers in results.values())
+    assert received == expected
+    print(json.dumps({"sessions": len(seeds), "chunks": sent, "requests_retried": retried, "statuses": client.statuses,
+                      "frames_expected": expected, "frames_received": received}))  # fmt: skip
