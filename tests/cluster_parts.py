@@ -75,15 +75,6 @@ class RedisServer:
         wait_for_port(self.port)
         return self
 
-    def servers(self) -> dict[tuple[str, str], str]:
-        """Each server's state as HAProxy sees it: (backend, server) -> "UP", "DOWN", ...."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(self.stats_socket))
-            sock.sendall(b"show stat\n")
-            text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
-        rows = [line.split(",") for line in text.splitlines() if line and not line.startswith("#")]
-        return {(r[0], r[1]): r[17] for r in rows if r[1] not in ("FRONTEND", "BACKEND")}
-
     def stop(self) -> None:
         _terminate(self.proc)
         self.proc = None
