@@ -23,6 +23,7 @@ from .constants import (
     EYE_BLINK_LEFT,
     EYE_BLINK_RIGHT,
     MOUTH_GROUP,
+    NUM_BLENDSHAPES,
     SYMMETRIC_PAIRS,
 )
 
@@ -391,3 +392,20 @@ def postprocess_chunks(
     seen = (eyes[..., 0] + eyes[..., 1]) / 2 > BLINK_DETECT
     _stream_blinks_into(new_out, seen, rngs)
     return new_out
+
+
+def history_parts(previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What later chunks read of a session's stored frames ``[p, 52]``: the
+    last ``_FRAMES_BACK`` frames whole, and the eyes of all of them (blinks
+    look back the whole way). A store keeps these 1.5 KB instead of the
+    13 KB of 64 whole frames."""
+    return np.array(previous[-_FRAMES_BACK:], copy=True), np.array(previous[:, _EYES], copy=True)
+
+
+def history_from_parts(tail: np.ndarray, eyes: np.ndarray) -> np.ndarray:
+    """Stored frames that post-process exactly as those ``history_parts`` was
+    given (the channels no later chunk reads are zero)."""
+    frames = np.zeros((len(eyes), NUM_BLENDSHAPES), dtype=eyes.dtype)
+    frames[:, _EYES] = eyes
+    frames[len(frames) - len(tail) :] = tail
+    return frames

@@ -29,6 +29,7 @@ slot, which we do not arrange):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ from a2e.streaming import StreamState
 from . import metrics
 from .protocol import ChunkResult, SessionClosed, SessionLimitReached, SessionNotFound, StateUnavailable
 from .session_codec import decode_answer, decode_state, piece_samples
+
+try:
+    from asyncio import timeout as _deadline  # Python 3.11+
+except ImportError:  # 3.10: the package redis-py itself depends on there
+    from async_timeout import timeout as _deadline
 
 log = logging.getLogger("a2e.state")
 
@@ -192,8 +198,12 @@ class RedisSessions:
         if self._redis is None:
             import redis.asyncio as aioredis
 
+            # No socket_timeout: redis-py would then wrap every send and read
+            # in a timer of its own (~70 µs of CPU a call, a tenth of what the
+            # store costs a chunk); _run bounds the whole operation instead,
+            # and a connection an expired deadline cuts short is dropped.
             self._redis = aioredis.Redis.from_url(
-                self.url, socket_timeout=OPERATION_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                self.url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S,
                 health_check_interval=30, decode_responses=False,
             )  # fmt: skip
             for name, lua in (("create", _CREATE), ("fetch", _FETCH), ("commit", _COMMIT), ("count", _COUNT)):
@@ -207,10 +217,12 @@ class RedisSessions:
         self._client()
         started = time.perf_counter()
         try:
-            result = await call()
-        except RedisError as exc:
+            async with _deadline(OPERATION_TIMEOUT_S):
+                result = await call()
+        except (RedisError, asyncio.TimeoutError) as exc:
             metrics.STATE_ERRORS.labels(op).inc()
-            self._mark(False, f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else f"no answer in {OPERATION_TIMEOUT_S:g} s"
+            self._mark(False, reason)
             raise StateUnavailable(
                 f"the session store ({redacted(self.url)}) is unreachable ({type(exc).__name__}); "
                 "the chunk was not applied: retry shortly"

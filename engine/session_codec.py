@@ -7,7 +7,9 @@ they are read or written, is the store's and ``engine.shared_streams``'s.
 
 The one idea: a decoded state gives bit-for-bit the frames the encoded one
 would have. Everything a later chunk reads is kept exactly (arrays as their
-own float32/float64 bytes, the blink generator's full state). The audio
+own float32/float64 bytes, the blink generator's full state), and nothing
+else: of the stored frames, only what post-processing reads again
+(``a2e.postprocess.history_parts``). The audio
 context, most of a state's bytes, travels apart from the rest as pieces,
 so that a store can append each chunk's new audio instead of writing the
 whole window again: every later window reads only the last window of
@@ -28,6 +30,7 @@ import numpy as np
 
 from a2e.constants import WINDOW_SAMPLES
 from a2e.loudness import LoudnessMode, StreamLoudness
+from a2e.postprocess import history_from_parts, history_parts
 from a2e.streaming import ContextMode, StreamState
 from a2e.tuning import Tuning
 
@@ -127,8 +130,10 @@ def encode_state(state: StreamState) -> bytes:
         "loudness": None,
         "tuning": None,
     }
+    tail, eyes = (None, None) if state.previous_frames is None else history_parts(state.previous_frames)
     arrays: dict[str, np.ndarray | None] = {
-        "previous_frames": state.previous_frames,
+        "previous_tail": tail,
+        "previous_eyes": eyes,
         "previous_volume": state.previous_volume,
         "tuned_last": state.tuned_last,
     }
@@ -155,7 +160,7 @@ def decode_state(data: bytes, audio: Sequence[bytes] = ()) -> StreamState:
         rng=rng,
         mode=ContextMode(h["mode"]),
         context=(joined,) if joined is not None and len(joined) else (),
-        previous_frames=a.get("previous_frames"),
+        previous_frames=_previous_frames(a),
         previous_volume=a.get("previous_volume"),
         frames_sent=h["frames_sent"],
         frames_planned=h["frames_planned"],
@@ -171,6 +176,12 @@ def decode_state(data: bytes, audio: Sequence[bytes] = ()) -> StreamState:
     if h["tuning"] is not None:
         state.tuning = Tuning(a["tuning_scale"], a["tuning_shift"], a["tuning_smoothing"], h["tuning"]["clamp"])
     return state
+
+
+def _previous_frames(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    if "previous_eyes" in arrays:
+        return history_from_parts(arrays["previous_tail"], arrays["previous_eyes"])
+    return arrays.get("previous_frames")  # a record written before the stored frames were cut down
 
 
 def encode_answer(result: ChunkResult, digest: int) -> bytes:

@@ -344,3 +344,22 @@ def test_rms_volume_equals_the_padded_sliding_window_form_bit_for_bit():
             windows = np.lib.stride_tricks.sliding_window_view(padded, frame_length)[::533][:count]
             want = np.sqrt(np.mean(np.square(windows, dtype=np.float32), axis=1, dtype=np.float32))
             assert np.array_equal(rms_volume(x, 16000, frame_length), want)
+
+
+@pytest.mark.parametrize("silent_from", [None, 40, 58, 62])
+def test_a_chunk_after_only_the_stored_frames_history_parts_keeps_is_the_same_bit_for_bit(silent_from):
+    rng = np.random.default_rng(7)
+    previous = rng.random((64, 52)).astype(np.float32)
+    previous[50:56, list(pp._EYES)] = 0.9  # a blink the next chunk's blinks must see
+    volume = (0.01 + rng.random(94) * 0.05).astype(np.float32)
+    if silent_from is not None:
+        volume[silent_from : silent_from + 12] = 0.0  # a silent run into or across the chunk's start
+    new = rng.random((30, 52)).astype(np.float32)
+    rebuilt = pp.history_from_parts(*pp.history_parts(previous))
+    assert rebuilt.shape == previous.shape and not np.array_equal(rebuilt, previous)  # most of it is gone
+    for seed in range(5):
+        whole = pp.postprocess_chunk(previous, volume[:64], new, volume[64:], np.random.default_rng(seed))
+        cut = pp.postprocess_chunk(rebuilt, volume[:64], new, volume[64:], np.random.default_rng(seed))
+        assert whole.tobytes() == cut.tobytes()
+    short = previous[:3]  # fewer stored frames than a chunk reads back: all are kept
+    assert np.array_equal(pp.history_from_parts(*pp.history_parts(short)), short)

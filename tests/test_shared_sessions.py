@@ -19,8 +19,8 @@ from engine import metrics
 from engine.protocol import ChunkOutOfOrder, SessionLimitReached, SessionNotFound, StateUnavailable
 from engine.service import InferenceService
 from engine.redis_sessions import pieces_to_keep
-from engine.session_codec import (CodecError, audio_tail, decode_audio, decode_state, encode_audio, encode_state,
-                                  piece_samples)  # fmt: skip
+from engine.session_codec import (CodecError, audio_tail, decode_audio, decode_state, encode_audio, encode_state, pack,
+                                  piece_samples, unpack)  # fmt: skip
 from runtime.settings import Settings
 from tests.cluster_parts import RedisServer
 from tests.conftest import speech_like
@@ -67,6 +67,22 @@ def test_a_state_without_its_audio_is_small_and_its_audio_a_window_at_most():
     decoded = decode_state(encode_state(state), [encode_audio(piece) for piece in state.context])
     assert len(decoded.context[0]) == 34133 and np.array_equal(decoded.previous_audio, state.previous_audio)
     assert decode_state(encode_state(state)).context == ()  # where a session stands needs no audio
+
+
+def test_of_the_stored_frames_a_state_keeps_what_later_chunks_read(model):
+    streams = InferenceService(Settings()).streams
+    state = streams.new_state(0, 1, "continuous", LoudnessMode.OFF, None)
+    for chunk in chunks(4, 1.0):
+        streaming.push_chunk(state, TorchBackend(model), chunk)
+    assert state.previous_frames.shape == (64, 52)
+    assert len(encode_state(state)) < 2600  # 64 whole frames alone would be 13.3 KB
+    decoded = decode_state(encode_state(state))
+    assert np.array_equal(decoded.previous_frames[-5:], state.previous_frames[-5:])
+    # A record written before the stored frames were cut down still reads.
+    header, arrays = unpack(encode_state(state))
+    arrays.pop("previous_tail"), arrays.pop("previous_eyes")
+    old = decode_state(pack(header, {**arrays, "previous_frames": state.previous_frames}))
+    assert np.array_equal(old.previous_frames, state.previous_frames)
 
 
 def test_audio_is_stored_as_16_bit_integers_only_where_that_is_exact():
@@ -286,3 +302,31 @@ async def test_an_unreachable_store_answers_503_and_sessions_go_on_when_it_is_ba
     await b.check_state()
     health = b.stats()["state"]
     assert health["reachable"] is True and health["store"] == "redis" and health["sessions"] >= 1
+
+
+async def test_a_store_that_stops_answering_is_unreachable_after_the_deadline_and_then_serves_on(engines, redis_server):
+    import os
+    import signal
+    import time
+
+    from engine.redis_sessions import OPERATION_TIMEOUT_S
+
+    a, _, _ = engines
+    sid = (await a.open_session(0, 2, "continuous", client="c")).session_id
+    one, two = chunks(2)
+    await a.stream_chunk(sid, one, chunk_index=1)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # alive, connected, silent: only a deadline notices
+    try:
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable, match="unreachable"):
+            await a.stream_chunk(sid, two, chunk_index=2)
+        assert OPERATION_TIMEOUT_S <= time.monotonic() - started < OPERATION_TIMEOUT_S + 3
+        assert a.stats()["state"]["reachable"] is False
+        assert "no answer in" in a.stats()["state"]["detail"]
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    # Whether or not the write landed before the store stopped, the retry is applied once.
+    again = await a.stream_chunk(sid, two, chunk_index=2)
+    assert again.chunk_index == 2
+    three = await a.stream_chunk(sid, chunks(3, seed=4)[2], chunk_index=3)
+    assert three.chunk_index == 3 and a.stats()["state"]["reachable"] is True
