@@ -3,11 +3,12 @@
 1. Per chunk (``--sessions`` paced REST sessions of 1 s chunks behind
    HAProxy, numbered with chunk_index as a2e_client sends them): serving CPU
    (nodes and redis-server, from /proc) per chunk, latency, and state bytes
-   and operations per chunk, for the memory store (one node), the Redis
-   store on one node, the Redis store with HAProxy hashing on the session
-   (X-Session-Id) over two nodes (numbered chunks and, as the API
-   document's clients send them, unnumbered), and round robin over the same
-   two nodes.
+   and operations per chunk, for the memory store (one node; two nodes,
+   each session on one), the Redis store on one node, the Redis store with
+   HAProxy hashing on the session (X-Session-Id) over two nodes (numbered
+   chunks and, as the API document's clients send them, unnumbered), and
+   round robin over the same two nodes. Each Redis row is set against the
+   memory store on as many nodes, in the same repeat.
 2. Real-time capacity: the largest number of paced a2e-lite sessions that
    all keep real time, one node with the memory store against three nodes,
    HAProxy and Redis on the same cores (this shows the cost, not the scale).
@@ -18,7 +19,7 @@
     python benchmarks/cluster_state.py --part cost --model lam --sessions 3 --seconds 10
 
 Needs redis-server and haproxy (Debian's packages). Writes
-benchmarks/out/cluster_state[_<part>][_lam].json.
+benchmarks/out/cluster_state[_<part>][_lam][_<N>sessions].json.
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ def _store_bytes(nodes: list[Node]) -> dict[str, tuple[float, float]]:
             for op in ("fetch", "commit")}  # fmt: skip
 
 
-def cost_run(label: str, nodes: list[Node], proxy: HAProxy, redis: RedisServer | None, n: int, seconds: int,
+def cost_run(label: str, nodes: list[Node], urls: list[str], redis: RedisServer | None, n: int, seconds: int,
              numbered: bool) -> dict:  # fmt: skip
     pids = [p for node in nodes for p in tree(node.proc.pid)] + ([redis.proc.pid] if redis else [])
     chunks = speech_chunks(16, 1.0)
-    asyncio.run(run_level(proxy.url, min(n, 4), 2, chunks, 1.0, numbered))  # warm every node's paths
+    asyncio.run(run_level(urls, min(n, 4), 2, chunks, 1.0, numbered))  # warm every node's paths
     before = _store_bytes(nodes) if redis else None
     cpu0 = cpu_s(pids)
-    row = asyncio.run(run_level(proxy.url, n, seconds, chunks, 1.0, numbered))
+    row = asyncio.run(run_level(urls, n, seconds, chunks, 1.0, numbered))
     cpu = cpu_s(pids) - cpu0
     row.update(config=label, chunks=n * seconds, serving_cpu_ms_per_chunk=round(1000 * cpu / (n * seconds), 3))
     if redis is not None:
@@ -82,15 +83,21 @@ def cost_run(label: str, nodes: list[Node], proxy: HAProxy, redis: RedisServer |
     return row
 
 
-# (label, nodes, balance, numbered chunks). Every configuration counts the CPU of
-# the nodes that serve it and of redis-server; one HAProxy runs at a time, so
-# each node answers the same health checks in every row.
+# (label, store, nodes, balance, numbered chunks, the memory row it is set
+# against). A Redis row is compared with the memory store on as many nodes:
+# splitting the sessions over two nodes costs CPU of itself (each engine's
+# batches are half as full), with any store. The memory store's sessions
+# live on the node that opened them, so its two-node row sends each session
+# wholly to one node (what hashing on the session gives a store that never
+# moves one). Every configuration counts the CPU of its nodes and of
+# redis-server; its nodes are health-checked by HAProxy as in every row.
 COST_CONFIGS = [
-    ("memory, one node", 1, None, True),
-    ("redis, one node", 1, "roundrobin", True),
-    ("redis, 2 nodes, session hash", 2, "session", True),
-    ("redis, 2 nodes, session hash, unnumbered", 2, "session", False),
-    ("redis, 2 nodes, round robin", 2, "roundrobin", True),
+    ("memory, one node", "memory", 1, "roundrobin", True, None),
+    ("redis, one node", "redis", 1, "roundrobin", True, "memory, one node"),
+    ("memory, 2 nodes, a session on one", "memory", 2, None, True, None),
+    ("redis, 2 nodes, session hash", "redis", 2, "session", True, "memory, 2 nodes, a session on one"),
+    ("redis, 2 nodes, session hash, unnumbered", "redis", 2, "session", False, "memory, 2 nodes, a session on one"),
+    ("redis, 2 nodes, round robin", "redis", 2, "roundrobin", True, "memory, 2 nodes, a session on one"),
 ]
 
 
@@ -98,32 +105,47 @@ def part_cost(args, work: Path) -> list[dict]:
     redis = RedisServer(work, fsync="everysec").start()  # as deploy/ runs it
     rows = []
     try:
-        memory = Node(node_args(args.model))
-        shared = [Node([*node_args(args.model), "--state", redis.url]) for _ in range(2)]
-        for node in [memory, *shared]:
+        nodes_of = {"memory": [Node(node_args(args.model)) for _ in range(2)],
+                    "redis": [Node([*node_args(args.model), "--state", redis.url]) for _ in range(2)]}  # fmt: skip
+        every = nodes_of["memory"] + nodes_of["redis"]
+        for node in every:
             node.start(wait=False)
-        for node in [memory, *shared]:
+        for node in every:
             node.wait_healthy()
         for repeat in range(args.repeats):  # alternating, so drift in the machine hits all alike
-            for label, count, balance, numbered in COST_CONFIGS:
-                nodes, store = ([memory], None) if balance is None else (shared[:count], redis)
-                proxy = HAProxy(work, [node.port for node in nodes], balance or "roundrobin").start()
+            for label, store, count, balance, numbered, _ in COST_CONFIGS:
+                nodes = nodes_of[store][:count]
+                if balance is None:  # one proxy per node, each session to one of them
+                    proxies = [HAProxy(work, [node.port]).start() for node in nodes]
+                else:
+                    proxies = [HAProxy(work, [node.port for node in nodes], balance).start()]
                 time.sleep(1.5)  # health checks up
-                row = cost_run(label, nodes, proxy, store, args.sessions, args.seconds, numbered)
-                proxy.stop()
+                urls = [proxy.url for proxy in proxies]
+                row = cost_run(label, nodes, urls, redis if store == "redis" else None, args.sessions, args.seconds,
+                               numbered)  # fmt: skip
+                for proxy in proxies:
+                    proxy.stop()
                 row["repeat"] = repeat
                 rows.append(row)
-        for node in [memory, *shared]:
+        for node in every:
             node.stop()
     finally:
         redis.stop()
-    base = [r["serving_cpu_ms_per_chunk"] for r in rows if r["config"].startswith("memory")]
+    # Each row against its memory row of the same repeat: the machine's drift
+    # from one repeat to the next (this box's memory rows alone spread by
+    # 10-20 %) then cancels out of the ratio.
+    cpu = {(r["config"], r["repeat"]): r["serving_cpu_ms_per_chunk"] for r in rows}
+    against = {label: base or label for label, *_, base in COST_CONFIGS}
     for r in rows:
-        r["cpu_ratio_to_memory"] = round(r["serving_cpu_ms_per_chunk"] / (sum(base) / len(base)), 3)
-    print("CPU per chunk against the memory store (median of repeats):")
+        r["compared_with"] = against[r["config"]]
+        r["cpu_ratio_to_memory"] = round(r["serving_cpu_ms_per_chunk"] / cpu[(against[r["config"]], r["repeat"])], 3)
+        r["cpu_ratio_to_one_memory_node"] = round(r["serving_cpu_ms_per_chunk"] / cpu[("memory, one node", r["repeat"])], 3)
+    print("CPU per chunk against the memory store on as many nodes, same repeat (median of repeats):")
     for label, *_ in COST_CONFIGS:
         ratios = sorted(r["cpu_ratio_to_memory"] for r in rows if r["config"] == label)
-        print(f"{label:>42}: {ratios[len(ratios) // 2]:.3f}  (all: {ratios})")
+        to_one = sorted(r["cpu_ratio_to_one_memory_node"] for r in rows if r["config"] == label)
+        print(f"{label:>42}: {ratios[len(ratios) // 2]:.3f}  (all: {ratios}; against one memory node: "
+              f"{to_one[len(to_one) // 2]:.3f})")  # fmt: skip
     return rows
 
 
@@ -186,7 +208,8 @@ def main() -> None:
             result["cost"] = part_cost(args, Path(work))
         if args.part in ("capacity", "both"):
             result["capacity"] = part_capacity(args, Path(work))
-    name = "_".join(["cluster_state", *([args.part] if args.part != "both" else []), *([args.model] if args.model != "a2e-lite" else [])])
+    name = "_".join(["cluster_state", *([args.part] if args.part != "both" else []), *([args.model] if args.model != "a2e-lite" else []),
+                     *([f"{args.sessions}sessions"] if args.part == "cost" else [])])  # fmt: skip
     print("wrote", save(name, result))
 
 

@@ -171,11 +171,15 @@ async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results
     results.append({"latencies": latencies, "on_time": on_time and errors == 0, "errors": errors})
 
 
-async def run_level(url: str, n: int, n_chunks: int, chunks: list[bytes], chunk_s: float = 1.0,
+async def run_level(url: str | list[str], n: int, n_chunks: int, chunks: list[bytes], chunk_s: float = 1.0,
                     numbered: bool = False) -> dict:  # fmt: skip
+    """``n`` paced sessions against ``url``, or against several: session i
+    then goes wholly to ``url[i % len(url)]``."""
+    urls = [url] if isinstance(url, str) else url
     results: list[dict] = []
     t_start = time.perf_counter() + 0.5
-    await asyncio.gather(*(run_session(url, i, n, chunks, n_chunks, t_start, results, chunk_s, numbered) for i in range(n)))
+    await asyncio.gather(*(run_session(urls[i % len(urls)], i, n, chunks, n_chunks, t_start, results, chunk_s, numbered)
+                           for i in range(n)))  # fmt: skip
     lat = np.array([x for r in results if "latencies" in r for x in r["latencies"]])
     first = np.array([r["latencies"][0] for r in results if "latencies" in r])
     kept = sum(1 for r in results if r.get("on_time"))

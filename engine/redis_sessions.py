@@ -53,8 +53,8 @@ log = logging.getLogger("a2e.state")
 PREFIX = "a2e:"
 ALL_SESSIONS = PREFIX + "sessions"
 CONNECT_TIMEOUT_S = 1.0
-# Longer than any one operation on a healthy store (a chunk's write is ~50 KB,
-# a full read ~120 KB): past it the store counts as unreachable and the chunk
+# Longer than any one operation on a healthy store (a chunk's write is ~40 KB,
+# a full read ~90 KB): past it the store counts as unreachable and the chunk
 # is answered 503.
 OPERATION_TIMEOUT_S = 2.0
 
@@ -223,9 +223,11 @@ class RedisSessions:
             metrics.STATE_ERRORS.labels(op).inc()
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else f"no answer in {OPERATION_TIMEOUT_S:g} s"
             self._mark(False, reason)
+            # A write cut short may still have landed: only its number makes the retry safe.
+            outcome = ("the chunk's write may or may not have landed: retry it with its chunk_index (applied once)"
+                       if op == "commit" else "the chunk was not applied: retry shortly")  # fmt: skip
             raise StateUnavailable(
-                f"the session store ({redacted(self.url)}) is unreachable ({type(exc).__name__}); "
-                "the chunk was not applied: retry shortly"
+                f"the session store ({redacted(self.url)}) is unreachable ({type(exc).__name__}); {outcome}"
             ) from None
         metrics.STATE_SECONDS.labels(op).observe(time.perf_counter() - started)
         if nbytes:
