@@ -139,7 +139,8 @@ def part_cost(args, work: Path) -> list[dict]:
     for r in rows:
         r["compared_with"] = against[r["config"]]
         r["cpu_ratio_to_memory"] = round(r["serving_cpu_ms_per_chunk"] / cpu[(against[r["config"]], r["repeat"])], 3)
-        r["cpu_ratio_to_one_memory_node"] = round(r["serving_cpu_ms_per_chunk"] / cpu[("memory, one node", r["repeat"])], 3)
+        one_node = cpu[("memory, one node", r["repeat"])]
+        r["cpu_ratio_to_one_memory_node"] = round(r["serving_cpu_ms_per_chunk"] / one_node, 3)
     print("CPU per chunk against the memory store on as many nodes, same repeat (median of repeats):")
     for label, *_ in COST_CONFIGS:
         ratios = sorted(r["cpu_ratio_to_memory"] for r in rows if r["config"] == label)
@@ -208,7 +209,8 @@ def main() -> None:
             result["cost"] = part_cost(args, Path(work))
         if args.part in ("capacity", "both"):
             result["capacity"] = part_capacity(args, Path(work))
-    name = "_".join(["cluster_state", *([args.part] if args.part != "both" else []), *([args.model] if args.model != "a2e-lite" else []),
+    name = "_".join(["cluster_state", *([args.part] if args.part != "both" else []),
+                     *([args.model] if args.model != "a2e-lite" else []),
                      *([f"{args.sessions}sessions"] if args.part == "cost" else [])])  # fmt: skip
     print("wrote", save(name, result))
 
