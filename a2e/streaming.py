@@ -78,7 +78,9 @@ class StreamState:
     # least a model window's worth once there is that much): the next window
     # is read from them, so planning a chunk copies no audio.
     context: tuple[np.ndarray, ...] = ()
-    previous_frames: np.ndarray | None = None  # last <= 64 post-processed frames
+    # The last <= 64 post-processed frames; decoded from a shared store, only what
+    # post-processing reads again (postprocess.history_parts), the rest zero.
+    previous_frames: np.ndarray | None = None
     previous_volume: np.ndarray | None = None
     frames_sent: int = 0  # frames finished
     frames_planned: int = 0  # frames promised by planned windows (ahead of frames_sent while a chunk runs)
