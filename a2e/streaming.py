@@ -95,6 +95,12 @@ class StreamState:
         """The last ``WINDOW_SAMPLES`` of session audio (zeros before its start)."""
         return np.concatenate(_tail_parts(self.context, WINDOW_SAMPLES))
 
+    def recent_audio(self, samples: int) -> np.ndarray:
+        """The last ``samples`` of the audio context, at most what it holds (no
+        zeros), copied only where they span more than one piece."""
+        parts = _tail_parts(self.context, min(samples, sum(map(len, self.context))))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def snapshot(self) -> dict:
         """What to roll back to, so a chunk is applied whole or not at all.
         Arrays (and the context's pieces) are replaced, never written in

@@ -86,8 +86,7 @@ def audio_tail(state: StreamState, samples: int) -> bytes:
     samples = min(samples, WINDOW_SAMPLES)
     if samples <= 0 or not state.context:
         return b""
-    joined = state.context[0] if len(state.context) == 1 else np.concatenate(state.context)
-    return encode_audio(joined[-samples:])
+    return encode_audio(state.recent_audio(samples))
 
 
 def encode_audio(samples: np.ndarray) -> bytes:

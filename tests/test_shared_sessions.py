@@ -85,6 +85,16 @@ def test_of_the_stored_frames_a_state_keeps_what_later_chunks_read(model):
     assert np.array_equal(old.previous_frames, state.previous_frames)
 
 
+def test_recent_audio_is_the_tail_of_the_context_whatever_its_pieces():
+    state = streaming.StreamState(identity=0, rng=np.random.default_rng(0))
+    pieces = [np.arange(k, k + n, dtype=np.float32) for k, n in ((0, 500), (500, 16000), (16500, 300))]
+    state.context = tuple(pieces)
+    whole = np.concatenate(pieces)
+    for n in (1, 300, 301, 16300, 16301, len(whole), len(whole) + 10):
+        assert np.array_equal(state.recent_audio(n), whole[-n:]), n
+    assert np.shares_memory(state.recent_audio(300), pieces[-1])  # one piece: no copy
+
+
 def test_audio_is_stored_as_16_bit_integers_only_where_that_is_exact():
     pcm = (np.arange(-32768, 32768, 7, dtype=np.int32).astype(np.float32) / 32768).astype(np.float32)
     piece = encode_audio(pcm)
