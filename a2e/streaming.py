@@ -99,7 +99,9 @@ class StreamState:
         """The last ``samples`` of the audio context, at most what it holds (no
         zeros), copied only where they span more than one piece."""
         parts = _tail_parts(self.context, min(samples, sum(map(len, self.context))))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) <= 1:
+            return parts[0] if parts else np.zeros(0, dtype=np.float32)
+        return np.concatenate(parts)
 
     def snapshot(self) -> dict:
         """What to roll back to, so a chunk is applied whole or not at all.

@@ -93,6 +93,9 @@ def test_recent_audio_is_the_tail_of_the_context_whatever_its_pieces():
     for n in (1, 300, 301, 16300, 16301, len(whole), len(whole) + 10):
         assert np.array_equal(state.recent_audio(n), whole[-n:]), n
     assert np.shares_memory(state.recent_audio(300), pieces[-1])  # one piece: no copy
+    assert len(state.recent_audio(0)) == 0
+    state.context = ()
+    assert len(state.recent_audio(100)) == 0
 
 
 def test_audio_is_stored_as_16_bit_integers_only_where_that_is_exact():
