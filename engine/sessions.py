@@ -47,6 +47,12 @@ class Session:
     # and the samples in each audio piece the store holds (while current).
     current: bool = True
     stored_audio: list[int] = field(default_factory=list)
+    # Reads of the store in a row that found this copy current, and whether a
+    # chunk run on it without a read was ever refused: a chunk without a
+    # number skips the read once the session's chunks stay here (as a
+    # balancer hashing on the session keeps them), never once that has failed.
+    current_reads: int = 0
+    unread_refused: bool = False
 
     @property
     def in_flight(self) -> int:

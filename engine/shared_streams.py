@@ -4,8 +4,9 @@ applies any chunk and a lost node loses no session.
 
 It owns a chunk's trip through the store: read the session before the chunk
 is planned (only its version when this engine's copy is current; nothing
-at all when the chunk's number says the copy is current, as it does while
-a balancer keeps a session's chunks on one node), write it back after the
+at all when the chunk's number says the copy is current, or, for a chunk
+without a number, when reads keep finding it current, as both do while a
+balancer keeps a session's chunks on one node), write it back after the
 batch (the state, and the chunk's audio appended to the stored audio; a
 batch's chunks in one round trip) with a check that nobody moved the
 session on meanwhile, and answer only then. A chunk whose session moved on
@@ -39,6 +40,11 @@ from .sessions import Session
 from .streams import STREAM_SECONDS, StreamChunk, Streams, settled_by_index
 
 log = logging.getLogger("a2e.service")
+
+# Reads in a row that must find this engine's copy current before a chunk
+# without a number runs on it unread: two, so that strict round robin
+# (never the same engine twice) never bets, and random routing seldom does.
+TRUSTED_READS = 2
 
 # A chunk run again this many times because other engines kept moving its
 # session on (unnumbered chunks raced from several nodes) is refused (409).
@@ -102,6 +108,13 @@ class SharedStreams(Streams):
                 # reading the store; the write's version check still refuses
                 # it if another engine moved the session on meanwhile.
                 self.plan(chunk)
+            elif (session.current and chunk.index is None and session.current_reads >= TRUSTED_READS
+                  and not session.unread_refused):  # fmt: skip
+                # No number, but the session's chunks stay here: the same bet,
+                # which costs a chunk's run when lost, so it is made only after
+                # reads found this copy current, and never again once lost.
+                chunk.unread = True
+                self.plan(chunk)
             else:
                 asyncio.ensure_future(self._read_then_plan(chunk))
 
@@ -120,6 +133,7 @@ class SharedStreams(Streams):
             session.state, session.chunks_done, session.client = fetched.state, fetched.chunks_done, fetched.client
             session.stored_audio = fetched.audio_pieces
         session.current = True
+        session.current_reads = session.current_reads + 1 if fetched.state is None else 0
         session.last_answer, session.last_digest = fetched.last or (None, None)
         if chunk.replied:  # its client went away while the store answered
             self._finish(chunk, None)
@@ -172,7 +186,7 @@ class SharedStreams(Streams):
                  outcome: tuple[str, int] | Exception) -> None:  # fmt: skip
         session = chunk.session
         if isinstance(outcome, Exception):
-            session.current = False
+            session.current, session.current_reads = False, 0
             self._undo(chunk)
             self._finish(chunk, outcome)
             return
@@ -190,11 +204,13 @@ class SharedStreams(Streams):
         self._undo(chunk)
         if status == "gone":
             self.sessions.close(session.id)
-            self._finish(chunk, SessionNotFound(f"Session not found: {session.id} (closed or expired while its chunk ran)"))
+            self._finish(chunk, SessionNotFound(f"Session not found: {session.id} (closed or expired)"))
             return
         # Another engine applied a chunk meanwhile: run this one again on the newer state.
         metrics.STATE_CONFLICTS.inc()
-        session.current = False
+        session.current, session.current_reads = False, 0
+        session.unread_refused |= chunk.unread
+        chunk.unread = False
         chunk.reruns += 1
         if chunk.reruns > MAX_RERUNS:
             self._finish(chunk, ChunkOutOfOrder(

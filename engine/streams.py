@@ -53,7 +53,7 @@ class StreamChunk:
     """A streaming chunk from its submission to its answer."""
 
     __slots__ = ("session", "audio", "reply", "loop", "saved", "start_time", "plans", "future", "replied", "index",
-                 "digest", "reruns")  # fmt: skip
+                 "digest", "reruns", "unread")  # fmt: skip
 
     def __init__(
         self,
@@ -71,6 +71,7 @@ class StreamChunk:
         # Its audio's digest, to tell a retry from another chunk sent with the same number.
         self.digest = zlib.crc32(audio) if index is not None else None
         self.reruns = 0  # times a shared store's newer state made it start again
+        self.unread = False  # run on a shared store's session without reading the store first
         self.saved: dict | None = None
         self.start_time = 0.0
         self.plans: list[streaming.ChunkPlan] = []

@@ -343,3 +343,48 @@ async def test_a_store_that_stops_answering_is_unreachable_after_the_deadline_an
     assert again.chunk_index == 2
     three = await a.stream_chunk(sid, chunks(3, seed=4)[2], chunk_index=3)
     assert three.chunk_index == 3 and a.stats()["state"]["reachable"] is True
+
+
+
+
+async def _run_route(engines, route, seed: int) -> str:
+    """Unnumbered chunks of one session sent as ``route`` says: (engine, store
+    reads it makes, runs it makes again), each checked against one engine's frames."""
+    a, _, memory = engines
+    sid = (await a.open_session(3, seed, "continuous", client="c")).session_id
+    ref = (await memory.open_session(3, seed, "continuous")).session_id
+    audio = chunks(len(route), seed=seed)
+    for k, (engine_, reads, again) in enumerate(route):
+        before, conflicts = _fetches(), metrics.STATE_CONFLICTS._value.get()
+        got = await engine_.stream_chunk(sid, audio[k])
+        want = await memory.stream_chunk(ref, audio[k])
+        assert got.chunk_index == k + 1 and np.array_equal(got.frames, want.frames), f"chunk {k + 1}"
+        assert (_fetches() - before, metrics.STATE_CONFLICTS._value.get() - conflicts) == (reads, again), f"chunk {k + 1}"
+    return sid
+
+
+async def test_unnumbered_chunks_skip_the_store_read_while_they_stay_on_one_engine(engines):
+    a, b, _ = engines
+    await _run_route(engines, [
+        (a, 1, 0), (a, 1, 0), (a, 0, 0), (a, 0, 0),  # two reads found the creator's copy current: then none
+        (b, 1, 0),  # b has no copy
+        (a, 1, 1),  # a's copy, moved on by b behind its back: refused by the version check, read, run again
+        (b, 1, 0), (a, 1, 0),  # moving between engines: each reads first
+        (a, 1, 0), (a, 1, 0), (a, 1, 0),  # a does not skip the read for this session again
+        (b, 1, 0), (b, 1, 0), (b, 1, 0), (b, 0, 0),  # b, which never lost that bet, does once its reads find it current
+    ], seed=12)  # fmt: skip
+
+
+async def test_unnumbered_chunks_in_round_robin_read_first_and_none_runs_twice(engines):
+    a, b, _ = engines
+    await _run_route(engines, [(a, 1, 0), (b, 1, 0)] * 4 + [(a, 1, 0), (a, 1, 0), (b, 1, 0), (a, 1, 0)], seed=14)
+
+
+async def test_an_unnumbered_chunk_of_a_session_closed_elsewhere_is_not_found(engines):
+    a, b, _ = engines
+    sid = await _run_route(engines, [(a, 1, 0), (a, 1, 0), (a, 0, 0)], seed=13)
+    reads = _fetches()
+    await b.close_session(sid)
+    with pytest.raises(SessionNotFound, match="closed or expired"):
+        await a.stream_chunk(sid, chunks(4, seed=13)[3])  # run on a's copy without a read: its write finds it gone
+    assert _fetches() == reads and a.streams.sessions.get(sid) is None
