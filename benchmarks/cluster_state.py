@@ -7,8 +7,9 @@
    each session on one), the Redis store on one node, the Redis store with
    HAProxy hashing on the session (X-Session-Id) over two nodes (numbered
    chunks and, as the API document's clients send them, unnumbered), and
-   round robin over the same two nodes. Each Redis row is set against the
-   memory store on as many nodes, in the same repeat.
+   round robin over the same two nodes. Each Redis configuration runs at
+   the same time as the memory store on as many nodes, each with its own
+   sessions, so that the machine's drift cancels out of their ratio.
 2. Real-time capacity: the largest number of paced a2e-lite sessions that
    all keep real time, one node with the memory store against three nodes,
    HAProxy and Redis on the same cores (this shows the cost, not the scale).
@@ -63,41 +64,63 @@ def _store_bytes(nodes: list[Node]) -> dict[str, tuple[float, float]]:
             for op in ("fetch", "commit")}  # fmt: skip
 
 
-def cost_run(label: str, nodes: list[Node], urls: list[str], redis: RedisServer | None, n: int, seconds: int,
-             numbered: bool) -> dict:  # fmt: skip
-    pids = [p for node in nodes for p in tree(node.proc.pid)] + ([redis.proc.pid] if redis else [])
+def _measure(nodes: list[Node], redis: RedisServer | None) -> dict[str, list[int]]:
+    """The processes whose CPU a configuration is charged: its nodes, and redis-server apart."""
+    return {"nodes": [p for node in nodes for p in tree(node.proc.pid)], "redis": [redis.proc.pid] if redis else []}
+
+
+def cost_pair(sides: list[tuple[str, list[Node], list[str], RedisServer | None, bool]], n: int, seconds: int) -> list[dict]:
+    """Each side's ``n`` paced sessions at the same time (a side: label,
+    nodes, URLs, its redis-server or None, numbered chunks), and what each
+    side's processes spent per chunk over the same seconds."""
     chunks = speech_chunks(16, 1.0)
-    asyncio.run(run_level(urls, min(n, 4), 2, chunks, 1.0, numbered))  # warm every node's paths
-    before = _store_bytes(nodes) if redis else None
-    cpu0 = cpu_s(pids)
-    row = asyncio.run(run_level(urls, n, seconds, chunks, 1.0, numbered))
-    cpu = cpu_s(pids) - cpu0
-    row.update(config=label, chunks=n * seconds, serving_cpu_ms_per_chunk=round(1000 * cpu / (n * seconds), 3))
-    if redis is not None:
-        after = _store_bytes(nodes)
-        row["state_bytes_per_chunk"] = {op: round((after[op][0] - before[op][0]) / (n * seconds)) for op in after}
-        row["state_ops_per_chunk"] = {op: round((after[op][1] - before[op][1]) / (n * seconds), 3) for op in after}
-    print(f"{label:>34}: {row['serving_cpu_ms_per_chunk']:.2f} ms CPU/chunk  p50={row['p50']:.3f} p99={row['p99']:.3f} "
-          f"kept={row['kept_real_time']}/{n} errors={row['errors']} bytes/chunk={row.get('state_bytes_per_chunk')} "
-          f"ops/chunk={row.get('state_ops_per_chunk')}", flush=True)  # fmt: skip
-    return row
+
+    async def together(chunks_each: int, sessions: int) -> list[dict]:
+        return await asyncio.gather(*(run_level(urls, sessions, chunks_each, chunks, 1.0, numbered)
+                                      for _, _, urls, _, numbered in sides))  # fmt: skip
+
+    asyncio.run(together(2, min(n, 4)))  # warm every node's paths
+    pids = [_measure(nodes, redis) for _, nodes, _, redis, _ in sides]
+    before = [_store_bytes(nodes) if redis else None for _, nodes, _, redis, _ in sides]
+    cpu0 = [{part: cpu_s(p) for part, p in side.items()} for side in pids]
+    rows = asyncio.run(together(seconds, n))
+    out = []
+    for (label, nodes, _, redis, _), row, side, start, was in zip(sides, rows, pids, cpu0, before):
+        per_chunk = {part: 1000 * (cpu_s(p) - start[part]) / (n * seconds) for part, p in side.items()}
+        row.update(config=label, chunks=n * seconds, serving_cpu_ms_per_chunk=round(sum(per_chunk.values()), 3),
+                   node_cpu_ms_per_chunk=round(per_chunk["nodes"], 3))  # fmt: skip
+        if redis is not None:
+            after = _store_bytes(nodes)
+            row["redis_server_cpu_ms_per_chunk"] = round(per_chunk["redis"], 3)
+            row["state_bytes_per_chunk"] = {op: round((after[op][0] - was[op][0]) / (n * seconds)) for op in after}
+            row["state_ops_per_chunk"] = {op: round((after[op][1] - was[op][1]) / (n * seconds), 3) for op in after}
+        print(f"{label:>42}: {row['serving_cpu_ms_per_chunk']:.2f} ms CPU/chunk (redis-server "
+              f"{row.get('redis_server_cpu_ms_per_chunk', 0):.2f})  p50={row['p50']:.3f} p99={row['p99']:.3f} "
+              f"kept={row['kept_real_time']}/{n} errors={row['errors']} bytes/chunk={row.get('state_bytes_per_chunk')} "
+              f"ops/chunk={row.get('state_ops_per_chunk')}", flush=True)  # fmt: skip
+        out.append(row)
+    return out
 
 
-# (label, store, nodes, balance, numbered chunks, the memory row it is set
-# against). A Redis row is compared with the memory store on as many nodes:
-# splitting the sessions over two nodes costs CPU of itself (each engine's
-# batches are half as full), with any store. The memory store's sessions
-# live on the node that opened them, so its two-node row sends each session
-# wholly to one node (what hashing on the session gives a store that never
-# moves one). Every configuration counts the CPU of its nodes and of
-# redis-server; its nodes are health-checked by HAProxy as in every row.
-COST_CONFIGS = [
-    ("memory, one node", "memory", 1, "roundrobin", True, None),
-    ("redis, one node", "redis", 1, "roundrobin", True, "memory, one node"),
-    ("memory, 2 nodes, a session on one", "memory", 2, None, True, None),
-    ("redis, 2 nodes, session hash", "redis", 2, "session", True, "memory, 2 nodes, a session on one"),
-    ("redis, 2 nodes, session hash, unnumbered", "redis", 2, "session", False, "memory, 2 nodes, a session on one"),
-    ("redis, 2 nodes, round robin", "redis", 2, "roundrobin", True, "memory, 2 nodes, a session on one"),
+# A configuration: (label, store, nodes, balance, numbered chunks); balance
+# None: one proxy per node, each session wholly on one of them (what the
+# memory store needs, its sessions living where they were opened, and what
+# hashing on the session gives a store that never moves one). Each pair runs
+# at the same time, on the same cores, each side with its own sessions and
+# processes: whatever the machine does meanwhile (this box's CPU cost per
+# chunk drifts by 10-20 % from one minute to the next) hits both sides alike
+# and cancels out of their ratio, which run one after the other it did not
+# (ratios then spread over 30 %). A Redis configuration is set against the
+# memory store on as many nodes: splitting sessions over two nodes costs CPU
+# with any store (each engine's batches are half as full), shown apart.
+MEMORY_ONE = ("memory, one node", "memory", 1, "roundrobin", True)
+MEMORY_TWO = ("memory, 2 nodes, a session on one", "memory", 2, None, True)
+COST_PAIRS = [
+    (("redis, one node", "redis", 1, "roundrobin", True), MEMORY_ONE),
+    (("redis, 2 nodes, session hash", "redis", 2, "session", True), MEMORY_TWO),
+    (("redis, 2 nodes, session hash, unnumbered", "redis", 2, "session", False), MEMORY_TWO),
+    (("redis, 2 nodes, round robin", "redis", 2, "roundrobin", True), MEMORY_TWO),
+    (MEMORY_TWO, MEMORY_ONE),
 ]
 
 
@@ -105,48 +128,45 @@ def part_cost(args, work: Path) -> list[dict]:
     redis = RedisServer(work, fsync="everysec").start()  # as deploy/ runs it
     rows = []
     try:
-        nodes_of = {"memory": [Node(node_args(args.model)) for _ in range(2)],
+        # Two sets of memory nodes: the last pair sets one against the other.
+        nodes_of = {"memory": [Node(node_args(args.model)) for _ in range(3)],
                     "redis": [Node([*node_args(args.model), "--state", redis.url]) for _ in range(2)]}  # fmt: skip
         every = nodes_of["memory"] + nodes_of["redis"]
         for node in every:
             node.start(wait=False)
         for node in every:
             node.wait_healthy()
-        for repeat in range(args.repeats):  # alternating, so drift in the machine hits all alike
-            for label, store, count, balance, numbered, _ in COST_CONFIGS:
-                nodes = nodes_of[store][:count]
-                if balance is None:  # one proxy per node, each session to one of them
-                    proxies = [HAProxy(work, [node.port]).start() for node in nodes]
-                else:
-                    proxies = [HAProxy(work, [node.port for node in nodes], balance).start()]
+        for repeat in range(args.repeats):
+            for pair in COST_PAIRS:
+                free = {"memory": list(nodes_of["memory"]), "redis": list(nodes_of["redis"])}
+                sides, proxies = [], []
+                numbered = pair[0][4]  # the baseline sends the same requests as the store it is set against
+                for label, store, count, balance, _ in pair:
+                    nodes = [free[store].pop(0) for _ in range(count)]
+                    if balance is None:
+                        mine = [HAProxy(work, [node.port]).start() for node in nodes]
+                    else:
+                        mine = [HAProxy(work, [node.port for node in nodes], balance).start()]
+                    proxies += mine
+                    sides.append((label, nodes, [proxy.url for proxy in mine], redis if store == "redis" else None,
+                                  numbered))  # fmt: skip
                 time.sleep(1.5)  # health checks up
-                urls = [proxy.url for proxy in proxies]
-                row = cost_run(label, nodes, urls, redis if store == "redis" else None, args.sessions, args.seconds,
-                               numbered)  # fmt: skip
+                redis_row, base_row = cost_pair(sides, args.sessions, args.seconds)
                 for proxy in proxies:
                     proxy.stop()
-                row["repeat"] = repeat
-                rows.append(row)
+                redis_row.update(repeat=repeat, compared_with=base_row["config"],
+                                 cpu_ratio_to_memory=round(redis_row["serving_cpu_ms_per_chunk"]
+                                                           / base_row["serving_cpu_ms_per_chunk"], 3),
+                                 baseline_cpu_ms_per_chunk=base_row["serving_cpu_ms_per_chunk"])  # fmt: skip
+                rows.append(redis_row)
         for node in every:
             node.stop()
     finally:
         redis.stop()
-    # Each row against its memory row of the same repeat: the machine's drift
-    # from one repeat to the next (this box's memory rows alone spread by
-    # 10-20 %) then cancels out of the ratio.
-    cpu = {(r["config"], r["repeat"]): r["serving_cpu_ms_per_chunk"] for r in rows}
-    against = {label: base or label for label, *_, base in COST_CONFIGS}
-    for r in rows:
-        r["compared_with"] = against[r["config"]]
-        r["cpu_ratio_to_memory"] = round(r["serving_cpu_ms_per_chunk"] / cpu[(against[r["config"]], r["repeat"])], 3)
-        one_node = cpu[("memory, one node", r["repeat"])]
-        r["cpu_ratio_to_one_memory_node"] = round(r["serving_cpu_ms_per_chunk"] / one_node, 3)
-    print("CPU per chunk against the memory store on as many nodes, same repeat (median of repeats):")
-    for label, *_ in COST_CONFIGS:
+    print("CPU per chunk against the memory store, run at the same time (median of repeats):")
+    for (label, *_), (base, *_) in COST_PAIRS:
         ratios = sorted(r["cpu_ratio_to_memory"] for r in rows if r["config"] == label)
-        to_one = sorted(r["cpu_ratio_to_one_memory_node"] for r in rows if r["config"] == label)
-        print(f"{label:>42}: {ratios[len(ratios) // 2]:.3f}  (all: {ratios}; against one memory node: "
-              f"{to_one[len(to_one) // 2]:.3f})")  # fmt: skip
+        print(f"{label:>42} / {base}: {ratios[len(ratios) // 2]:.3f}  (all: {ratios})")
     return rows
 
 
