@@ -121,8 +121,9 @@ class _ClipJob:
     audio: np.ndarray
     identity: int
     future: Future
+    stop: threading.Event | None = None  # set: the owner is gone, stop between layers
     enqueued: float = field(default_factory=time.perf_counter)
-    rows: int = 1
+    rows: int = 1  # in the queue's accounting: the windows' worth of model time it takes
 
 
 class MicroBatcher:
@@ -134,8 +135,11 @@ class MicroBatcher:
         max_wait_s: float = 0.005,
         max_queue: int = 512,
         max_queue_wait_s: float = math.inf,
+        batch_s: float = 0.0,
         on_batch: Callable[[list[tuple[object, Future]]], None] | None = None,
     ) -> None:
+        """``batch_s``: the time of a full batch measured at start-up, the
+        estimate admission uses until full batches have run."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.runner = runner
@@ -155,7 +159,7 @@ class MicroBatcher:
         self._wake_rows = 1
         self._thread: threading.Thread | None = None
         self._running = False
-        self._busy_s = 0.0  # recent mean batch time, for Retry-After
+        self._busy_s = max(0.0, batch_s)  # recent time of a full batch: admission and Retry-After
         self._batches = 0
         self._staging = np.empty((0, WINDOW_SAMPLES), dtype=np.float32)  # the batch input, reused
         self.windows_run = 0  # with _batches: the mean batch size, for health and benchmarks
@@ -197,19 +201,24 @@ class MicroBatcher:
     def queued_windows(self) -> int:
         return self._queued_rows
 
-    def estimated_wait_s(self) -> float:
-        """Model time of what is queued, from the recent mean batch time."""
-        return math.ceil(self._queued_rows / self.max_batch) * max(self._busy_s, 0.0)
+    def estimated_wait_s(self, extra_rows: int = 0) -> float:
+        """Model time of what is queued (and ``extra_rows`` more), in full batches."""
+        return math.ceil((self._queued_rows + extra_rows) / self.max_batch) * self._busy_s
 
     # -- submission --------------------------------------------------------
     def _enqueue(self, job: _WindowJob | _ClipJob) -> Future | TaggedResult:
         with self._cond:
             if not self._running:
                 raise BatcherStopped("inference is not running")
-            wait_s = self.estimated_wait_s()
-            if self._queue and (self._queued_rows + job.rows > self.max_queue or wait_s > self.max_queue_wait_s):
+            # Refused at once when it could not be done within the time
+            # budget after what is already queued: a burst is told to come
+            # back, instead of waiting past its deadline for an answer
+            # nobody reads. A job alone is always taken (the length limits
+            # keep its own time within the budget).
+            done_in_s = self.estimated_wait_s(job.rows)
+            if self._queue and (self._queued_rows + job.rows > self.max_queue or done_in_s > self.max_queue_wait_s):
                 metrics.child(metrics.REJECTED).inc()
-                raise QueueFull(self._queued_rows, max(1.0, wait_s))
+                raise QueueFull(self._queued_rows, max(1.0, self.estimated_wait_s()))
             self._queue.append(job)
             self._queued_rows += job.rows  # (the gauge follows once per batch, in _take)
             if self._queued_rows >= self._wake_rows or isinstance(job, _ClipJob):
@@ -236,8 +245,13 @@ class MicroBatcher:
         # A tagged job is answered through on_batch: a light result will do.
         return self._enqueue(_WindowJob(windows, ids, Future() if tag is None else TaggedResult(self._cond), tag))
 
-    def submit_clip(self, audio: np.ndarray, identity: int) -> Future:
-        return self._enqueue(_ClipJob(np.asarray(audio, dtype=np.float32), int(identity), Future()))
+    def submit_clip(self, audio: np.ndarray, identity: int, stop: threading.Event | None = None) -> Future:
+        """One whole-clip pass; once ``stop`` is set it ends between layers (a
+        runner that can, ``interruptible``) with Cancelled."""
+        audio = np.asarray(audio, dtype=np.float32)
+        # A pass over N samples costs about what N / WINDOW_SAMPLES windows do.
+        rows = max(1, math.ceil(len(audio) / WINDOW_SAMPLES))
+        return self._enqueue(_ClipJob(audio, int(identity), Future(), stop, rows=rows))
 
     # Backend protocol (blocking; call from worker threads, never the event loop).
     def run_windows(self, windows: np.ndarray, identities: np.ndarray) -> np.ndarray:
@@ -307,7 +321,15 @@ class MicroBatcher:
         metrics.child(metrics.QUEUE_WAIT, "clip").observe(time.perf_counter() - job.enqueued)
         t0 = time.perf_counter()
         try:
-            out = self.runner.run_clip(job.audio, job.identity)
+            if job.stop is not None and getattr(self.runner, "interruptible", False):
+                out = self.runner.run_clip(job.audio, job.identity, stop=job.stop)
+            else:
+                out = self.runner.run_clip(job.audio, job.identity)
+        except Cancelled as exc:  # its owner went away mid-pass
+            log.info("whole clip (%.1f s of audio) stopped after %.2f s: its request was cancelled",
+                     len(job.audio) / SAMPLE_RATE, time.perf_counter() - t0)  # fmt: skip
+            job.future.set_exception(exc)
+            return
         except Exception as exc:  # isolate: only this request fails
             log.exception("whole-clip inference failed (%.1f s of audio)", len(job.audio) / SAMPLE_RATE)
             job.future.set_exception(exc)
@@ -341,7 +363,10 @@ class MicroBatcher:
         elapsed = time.perf_counter() - t0
         self._batches += 1
         self.windows_run += len(windows)
-        self._busy_s = elapsed if self._batches == 1 else 0.9 * self._busy_s + 0.1 * elapsed
+        if len(windows) >= self.max_batch:
+            self._busy_s = elapsed if self._busy_s == 0 else 0.9 * self._busy_s + 0.1 * elapsed
+        elif self._busy_s == 0:  # nothing better yet: as if the batch had been full
+            self._busy_s = elapsed * self.max_batch / len(windows)
         metrics.child(metrics.BATCH_SECONDS, "window").observe(elapsed)
         metrics.child(metrics.BATCH_SIZE).observe(len(windows))
         finite = np.isfinite(out).all(axis=(1, 2))
@@ -392,8 +417,9 @@ class MicroBatcher:
 class CancelScope:
     """The batcher as one request sees it: a blocking Backend whose work stops
     when ``cancel()`` is called (from any thread). Queued jobs are dropped;
-    a job already on the device finishes, and the next call raises Cancelled,
-    so a long clip stops between its windows."""
+    a window batch already on the device finishes, and the next call raises
+    Cancelled, so a long clip stops between its windows; a single pass in
+    progress stops at its next layer."""
 
     POLL_S = 0.05
 
@@ -427,4 +453,4 @@ class CancelScope:
     def run_clip(self, audio: np.ndarray, identity: int) -> np.ndarray:
         if self._cancelled.is_set():
             raise Cancelled("the request was cancelled")
-        return self._wait(self.batcher.submit_clip(audio, identity))
+        return self._wait(self.batcher.submit_clip(audio, identity, stop=self._cancelled))

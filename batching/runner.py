@@ -9,6 +9,7 @@ to the next captured size. It implements ``a2e.backend.Backend``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from a2e.constants import NUM_BLENDSHAPES, WINDOW_FRAMES, WINDOW_SAMPLES
 from a2e.model import Audio2Expression, fold_weight_norm
 
 from . import metrics
+from .errors import Cancelled
 
 log = logging.getLogger("a2e.runner")
 
@@ -100,6 +102,26 @@ class ModelRunner(TorchBackend):
             self.buckets,
             time.perf_counter() - t0,
         )
+
+    interruptible = True  # run_clip takes ``stop``
+
+    def run_clip(self, audio: np.ndarray, identity: int, stop: threading.Event | None = None) -> np.ndarray:
+        """One pass over a whole clip; once ``stop`` is set (its request went
+        away), the pass ends before the next module with Cancelled, instead
+        of running on for seconds for an answer nobody reads."""
+        if stop is None:
+            return super().run_clip(audio, identity)
+
+        def check(module: torch.nn.Module, args: tuple) -> None:
+            if stop.is_set():
+                raise Cancelled("the request was cancelled")
+
+        hooks = [m.register_forward_pre_hook(check) for m in self.model.modules()]
+        try:
+            return super().run_clip(audio, identity)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:

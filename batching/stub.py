@@ -13,6 +13,7 @@ from a2e.constants import NUM_BLENDSHAPES, WINDOW_FRAMES
 class StubRunner:
     num_identities = 12
     mode = "stub"
+    interruptible = False  # answers at once: nothing to stop
 
     def run_windows(self, windows: np.ndarray, identities: np.ndarray) -> np.ndarray:
         return np.full((len(windows), WINDOW_FRAMES, NUM_BLENDSHAPES), 0.3, dtype=np.float32)

@@ -32,7 +32,7 @@ from runtime.settings import Settings
 
 from .clips import Clips
 from .handback import batch_done
-from .loading import Loaded, ModelInfo, effective_limits, load_runner, resolve_device
+from .loading import LIMIT_SHARE_OF_TIMEOUT, Loaded, ModelInfo, effective_limits, load_runner, resolve_device
 from .protocol import ChunkResult, Limits, SessionClosed, SessionOpened, SessionPosition, ShuttingDown, shown_path
 from .streams import StreamChunk, Streams
 
@@ -81,7 +81,9 @@ class InferenceService:
             max_batch=s.max_batch,
             max_wait_s=s.max_wait_ms / 1000,
             max_queue=s.max_queue,
-            max_queue_wait_s=s.max_queue_wait_s,
+            # Queued work must leave its request time to be answered: at most half the response timeout.
+            max_queue_wait_s=min(s.max_queue_wait_s, s.response_timeout_s * LIMIT_SHARE_OF_TIMEOUT),
+            batch_s=s.max_batch / self.limits.audio_s_per_s if self.limits.audio_s_per_s else 0.0,
             on_batch=functools.partial(batch_done, self.streams),
         ).start()
         self.streams.batcher = self.batcher
