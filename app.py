@@ -33,17 +33,18 @@ from a2e.errors import A2EError, CheckpointError
 from batching import Cancelled
 from engine.client import EnginePool, RemoteError
 from engine.protocol import Engine
-from server import access, metrics, responses
+from server import access, metrics, responses, tls
 from server.connections import (
     BoundedRequest,
     ConnectionLimits,
-    GuardedHttpProtocol,
     UploadBudget,
     max_connections_allowed,
     raise_open_files_limit,
     release_upload,
 )
+from server.credentials import Credentials
 from server.forms import RequestError
+from server.tls_http import TlsHttpProtocol
 from server.routes import bp
 from server.stream_socket import bp as stream_bp
 from server.ace_grpc.listener import serve_grpc
@@ -109,6 +110,10 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
         if status == 413:
             limit = request.app.ctx.front.settings.max_upload_mb
             message = f"request body too large: the limit is {limit:g} MB"
+        if status == 503 and message == "Response Timeout":  # Sanic's, at --response-timeout-s
+            limit = request.app.ctx.front.settings.response_timeout_s
+            return responses.error(503, f"the answer took longer than {limit:g} s (--response-timeout-s): the server is "
+                                        "overloaded; retry later", {"Retry-After": "5"})  # fmt: skip
         if status < 500 or status == 503:
             return responses.error(status, message, getattr(exc, "headers", None))
     return _internal_error(request, exc, exc_info=True)
@@ -156,6 +161,7 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
 
         engine = InferenceService(settings)
     app.ctx.front = Front(settings, engine)
+    app.ctx.tls = tls.CertificateFiles.from_settings(settings)  # None: plain HTTP (server.tls_http)
     app.blueprint(bp)
     app.blueprint(stream_bp)
     app.blueprint(demo_bp)
@@ -181,6 +187,10 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
         # Our own task, not app.add_task: Sanic warns about its tasks when it cancels them at shutdown.
         app.ctx.expiry = asyncio.ensure_future(_expire_sessions(svc))
 
+    @app.before_server_start
+    async def watch_keys(app: Sanic) -> None:
+        app.ctx.key_watch = asyncio.ensure_future(app.ctx.front.credentials.watch())
+
     @app.after_server_start
     async def settle(app: Sanic) -> None:
         freeze_startup_objects()  # (an HTTP worker too: sanic, grpc and numpy are many objects)
@@ -196,9 +206,9 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
     @app.after_server_stop
     async def shutdown(app: Sanic) -> None:
         front: Front = app.ctx.front
-        expiry = getattr(app.ctx, "expiry", None)
-        if expiry is not None:
-            expiry.cancel()
+        for task in (getattr(app.ctx, "expiry", None), getattr(app.ctx, "key_watch", None)):
+            if task is not None:
+                task.cancel()
         front.close()
         if isinstance(front.engine, EnginePool):
             await front.engine.disconnect()
@@ -220,7 +230,7 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
         # answering them), which is how a preflight of a POST-only path is answered.
         if request.method == "OPTIONS" and request.ctx.cors_origin is not None:
             return access.preflight(request.ctx.cors_origin)
-        access.check_api_key(request, settings.api_key)
+        request.ctx.caller = access.authenticate(request, request.app.ctx.front.credentials)
         return None
 
     @app.on_response
@@ -238,6 +248,11 @@ def create_app(settings: Settings, engine: Engine | None = None, early_stop: Seq
         response.headers["X-A2E-Node"] = node_name  # which node answered, behind a balancer
         endpoint = _endpoint(request)
         metrics.REQUESTS.labels(endpoint, request.method, str(response.status)).inc()
+        caller = getattr(request.ctx, "caller", None)
+        if caller is not None and caller.name is not None:
+            metrics.CALLER_REQUESTS.labels(caller.name, "websocket" if endpoint == "/api/stream" else "rest").inc()
+        elif response.status == 401:
+            metrics.AUTH_REFUSED.labels("http").inc()
         started = getattr(request.ctx, "started", None)
         seconds = time.perf_counter() - started if started is not None else None
         if seconds is not None:
@@ -266,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     raise_open_files_limit()  # before any worker or engine starts: they inherit it
     try:
+        # Keys and certificates that cannot be used stop start-up here, naming the file.
+        Credentials.from_settings(settings)
+        tls.check(settings)
         # Another server on our ports: said at once, before anything is loaded or downloaded.
         check_free(settings.host, settings.port, "HTTP", "--port")
         check_free(settings.host, settings.grpc_port, "Audio2Face-3D gRPC", "--grpc-port (0 turns gRPC off)")
@@ -301,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     async def say_where(app: Sanic) -> None:
         host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
         log.info(
-            "serving on http://%s:%d (one process; model %s)%s", host, settings.port, service.stats()["model"]["name"],
+            "serving on %s://%s:%d (one process; model %s)%s", "https" if settings.tls else "http", host, settings.port,
+            service.stats()["model"]["name"],
             f"; Audio2Face-3D gRPC on port {settings.grpc_port}" if settings.grpc_port else "",
         )  # fmt: skip
     app.run(
@@ -310,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         single_process=True,
         access_log=False,  # ours (a2e.access) carries the fields
         motd=False,
-        protocol=GuardedHttpProtocol,
+        protocol=TlsHttpProtocol,
     )
     service.close()
     return 0
@@ -362,7 +381,7 @@ def _serve_with_engines(settings: Settings, early_stop: list[int]) -> int:
         workers=settings.worker_count,
         access_log=False,  # ours (a2e.access) carries the fields
         motd=False,
-        protocol=GuardedHttpProtocol,
+        protocol=TlsHttpProtocol,
     )
     stopping = threading.Event()
 
@@ -376,8 +395,8 @@ def _serve_with_engines(settings: Settings, early_stop: list[int]) -> int:
         stopping.set()
 
     log.info(
-        "serving on http://%s:%d with %d HTTP workers and %d engines (%s); metrics in %s",
-        settings.host, settings.port, settings.worker_count, len(supervisor.paths), ", ".join(supervisor.devices), metrics_dir,
+        "serving on %s://%s:%d with %d HTTP workers and %d engines (%s); metrics in %s",
+        "https" if settings.tls else "http", settings.host, settings.port, settings.worker_count, len(supervisor.paths), ", ".join(supervisor.devices), metrics_dir,
     )  # fmt: skip
     try:
         Sanic.serve(primary=app, app_loader=loader)

@@ -4,9 +4,11 @@
     lam-a2e stream clip.wav -o out.ndjson [--chunk-s 1] [--websocket]
     lam-a2e health
 
-``--url`` (or ``LAM_A2E_URL``) says where the server is, ``--api-key`` (or
-``LAM_A2E_API_KEY``) its key. Progress goes to stderr; results to ``-o``
-or stdout.
+``--url`` (or ``LAM_A2E_URL``) says where the server is (``https://`` too),
+``--api-key`` (or ``LAM_A2E_API_KEY``) its key; ``--ca-cert`` verifies a
+server whose certificate a private CA signed, ``--client-cert`` and
+``--client-key`` answer mutual TLS. Progress goes to stderr; results to
+``-o`` or stdout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import requests
 
 from .client import Client, ServerError, pcm_chunks
 
@@ -88,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lam-a2e", description="Animate speech with a LAM-A2E server.")
     ap.add_argument("--url", default=os.environ.get("LAM_A2E_URL", "http://localhost:8000"))
     ap.add_argument("--api-key", default=os.environ.get("LAM_A2E_API_KEY"))
+    ap.add_argument("--ca-cert", default=os.environ.get("LAM_A2E_CA_CERT"), help="PEM CA to verify an https:// server by")
+    ap.add_argument("--client-cert", default=os.environ.get("LAM_A2E_CLIENT_CERT"), help="PEM client certificate (mutual TLS)")
+    ap.add_argument("--client-key", default=os.environ.get("LAM_A2E_CLIENT_KEY"), help="PEM key of --client-cert")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("animate", "stream"):
         p = sub.add_parser(name, help="a whole file (/api/infer)" if name == "animate" else "a file chunk by chunk")
@@ -106,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--websocket", action="store_true", help="one WebSocket connection instead of REST chunks")
     sub.add_parser("health", help="the server's /api/health")
     args = ap.parse_args(argv)
-    client = Client(args.url, api_key=args.api_key)
+    if (args.client_cert is None) != (args.client_key is None):
+        ap.error("--client-cert and --client-key go together")
+    client = Client(args.url, api_key=args.api_key, ca_cert=args.ca_cert, client_cert=args.client_cert, client_key=args.client_key)
     try:
         if args.command == "health":
             print(json.dumps(client.health(), indent=2))
@@ -116,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             stream(client, args)
     except ServerError as exc:
         print(f"error: the server answered {exc.status}: {exc.detail}", file=sys.stderr)
+        return 1
+    except requests.exceptions.SSLError as exc:
+        print(f"error: TLS with {args.url} failed ({exc}); --ca-cert names a private CA, --client-cert/--client-key answer mutual TLS",
+              file=sys.stderr)  # fmt: skip
         return 1
     except (OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

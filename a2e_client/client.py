@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -57,23 +58,45 @@ class Client:
         timeout_s: float = 120.0,
         retries: int = 5,
         max_retry_wait_s: float = 30.0,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
     ) -> None:
+        """``https://`` URLs are verified against the system's CAs, or
+        ``ca_cert`` (a PEM file) for a private CA; ``client_cert`` and
+        ``client_key`` (PEM) answer a server that asks for mutual TLS."""
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("a client certificate needs both client_cert and client_key")
         self.url = url.rstrip("/")
+        self.ca_cert = str(ca_cert) if ca_cert else None
+        self.client_cert = (str(client_cert), str(client_key)) if client_cert else None
         self.timeout_s = timeout_s
         self.retries = retries
         self.max_retry_wait_s = max_retry_wait_s
         self.http = requests.Session()
+        if self.ca_cert:
+            self.http.verify = self.ca_cert
+        if self.client_cert:
+            self.http.cert = self.client_cert
         if api_key:
             self.http.headers["X-API-Key"] = api_key
 
     # -- plumbing -------------------------------------------------------------------
+    def _ssl_context(self) -> ssl.SSLContext:
+        """The WebSocket's TLS settings, the same as the HTTP requests'."""
+        context = ssl.create_default_context(cafile=self.ca_cert)
+        if self.client_cert:
+            context.load_cert_chain(*self.client_cert)
+        return context
+
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """One request, again after Retry-After (or a short backoff) on 429,
         502, 503 and 504, and after a broken connection or a timeout (every request this
         client makes may be sent twice: chunks carry their number)."""
         for attempt in range(self.retries + 1):
             try:
-                res = self.http.request(method, self.url + path, timeout=self.timeout_s, **kwargs)
+                # verify per request: requests lets REQUESTS_CA_BUNDLE override a session's own CA
+                res = self.http.request(method, self.url + path, timeout=self.timeout_s, verify=self.http.verify, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if attempt == self.retries:
                     raise
@@ -191,7 +214,8 @@ class Client:
 
         while True:
             try:
-                with connect(url, additional_headers=headers, open_timeout=self.timeout_s, max_size=None) as ws:
+                with connect(url, additional_headers=headers, open_timeout=self.timeout_s, max_size=None,
+                             ssl=self._ssl_context() if url.startswith("wss:") else None) as ws:  # fmt: skip
                     if session_id is None:
                         ws.send(json.dumps(start))
                         session_id = _check_ws(json.loads(ws.recv(self.timeout_s)))["session_id"]

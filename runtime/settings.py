@@ -68,7 +68,12 @@ class Settings:
     graceful_shutdown_s: float = field(default=15.0, metadata={"help": "on SIGTERM, time to finish in-flight requests (the rest answer 503)"})
     max_sessions_per_client: int = field(default=100, metadata={"help": "open streaming sessions per client address (per engine; across the cluster with a redis state store)"})
     state: str = field(default="memory", metadata={"help": "where streaming sessions live: memory (this engine's; a session stays where it was opened) or redis://[:PASSWORD@]HOST:PORT/DB (shared: any node serves any chunk, a lost node or engine loses no session, session limits count across the cluster)"})
-    api_key: str | None = field(default=None, metadata={"help": "require this key (X-API-Key or Authorization: Bearer) on all endpoints but health and metrics"})
+    api_key: str | None = field(default=None, metadata={"help": "require this key (X-API-Key or Authorization: Bearer; gRPC metadata x-api-key or authorization) on every front door but health and metrics"})
+    api_keys_file: str | None = field(default=None, metadata={"help": "keys per client: a file of 'NAME sha256:HEX' lines (python -m server.api_keys NAME makes one), re-read when it changes; session limits per client then count per key"})
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: HTTP (and WebSocket) and gRPC speak TLS 1.2/1.3 only; re-read when the file changes"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str | None = field(default=None, metadata={"help": "mutual TLS: PEM CA certificate(s); a client without a certificate signed by one is refused at the handshake"})
+    tls_client_cert_is_key: bool = field(default=False, metadata={"help": "with --tls-client-ca: a verified client certificate is enough, no API key needed (the client is named by its certificate's common name)"})
     cors_origins: str = field(default="", metadata={"help": "comma-separated origins allowed to call from a browser ('*' for any); empty: no cross-origin use"})
     health_detail: bool = field(default=False, metadata={"help": "show absolute file paths in /api/health"})
     stream_hop_s: float = field(default=0.5, metadata={"help": "WebSocket and gRPC streams: run the model once this much new audio has arrived (a WebSocket start message's 'hop' overrides); lower is less latency and more compute"})
@@ -106,6 +111,12 @@ class Settings:
             raise ConfigError("stream_max_buffer_s must be at least twice stream_hop_s")
         if self.state != "memory" and not self.state.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"state must be memory or a redis:// (rediss://, unix://) address, got {self.state!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.tls_client_cert_is_key and self.tls_client_ca is None:
+            raise ConfigError("--tls-client-cert-is-key needs --tls-client-ca (which clients' certificates to trust)")
         if not 0 <= self.grpc_port <= 65535:
             raise ConfigError(f"grpc_port must be 0 (off) or a port number, got {self.grpc_port}")
         return self
@@ -144,6 +155,10 @@ class Settings:
         """A weights path the user gave (flag, environment, own config file, or in code):
         if it is missing, that is a mistake to report, not a reason to fall back."""
         return self.weight is not None and self.sources.get("weight") != "default-config"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""Who may call, and from where: the optional API key, the cross-origin
+"""Who may call over HTTP, and from where: the credentials a request shows
+(checked by ``server.credentials``, as on every door), the cross-origin
 (CORS) policy, and the headers every response carries.
 
 Browsers send multipart POSTs and ``text/plain`` bodies across origins
@@ -9,37 +10,50 @@ from a foreign ``Origin`` is refused (403) unless the operator listed it.
 
 from __future__ import annotations
 
-import hmac
 import json
 from urllib.parse import urlsplit
 
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
+from . import tls
+from .credentials import HOW_BROWSER, HOW_HTTP, Caller, Credentials, Unauthenticated, bearer
 from .forms import RequestError
 
 # Reachable without the API key: monitoring must work without secrets.
 OPEN_PATHS = frozenset({"/api/health", "/metrics", "/openapi.json", "/docs"})
 # The demo page's own files hold no data: the calls the page makes carry the key.
 OPEN_PREFIX = "/demo"
+STREAM_PATH = "/api/stream"
+BROWSER_SUBPROTOCOL = "a2e"  # what the server answers a browser that offers it with a key
+KEY_SUBPROTOCOL = "a2e-key."  # a WebSocket subprotocol carrying the key
 ALLOWED_HEADERS = "Content-Type, Authorization, X-API-Key, X-Request-ID"
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
 PREFLIGHT_MAX_AGE_S = 600
 
 
-def check_api_key(request: Request, key: str | None) -> None:
-    if not key or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX) or request.method == "OPTIONS":
-        return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if given is None and auth[:7].lower() == "bearer ":
-        given = auth[7:].strip()
-    if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-        raise RequestError(
-            401,
-            "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
-            {"WWW-Authenticate": 'Bearer realm="lam-a2e"'},
-        )
+def presented_key(request: Request) -> str | None:
+    """The API key a request carries: ``X-API-Key``, ``Authorization: Bearer``,
+    or (browsers cannot set headers on a WebSocket) the subprotocol ``a2e-key.KEY``."""
+    given = request.headers.get("x-api-key") or bearer(request.headers.get("authorization"))
+    if given is None and "sec-websocket-protocol" in request.headers:
+        for offered in request.headers["sec-websocket-protocol"].split(","):
+            offered = offered.strip()
+            if offered.startswith(KEY_SUBPROTOCOL):
+                return offered[len(KEY_SUBPROTOCOL) :]
+    return given
+
+
+def authenticate(request: Request, credentials: Credentials) -> Caller:
+    """The request's caller (``server.credentials``); 401 when it shows no key this server accepts."""
+    address = request.remote_addr or request.ip or "unknown"
+    if not credentials.required or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX) or request.method == "OPTIONS":
+        return Caller(None, address)
+    how = HOW_HTTP + (f", or {HOW_BROWSER}" if request.path == STREAM_PATH else "")
+    try:
+        return credentials.identify(presented_key(request), tls.peer_name(request.transport), address, how)
+    except Unauthenticated as exc:
+        raise RequestError(401, exc.detail, {"WWW-Authenticate": 'Bearer realm="lam-a2e"'}) from None
 
 
 def _same_origin(request: Request, origin: str) -> bool:
@@ -100,6 +114,9 @@ def access_line(request: Request, response: HTTPResponse, request_id: str, secon
         "request_id": request_id,
         "client": request.ip,
     }
+    caller = getattr(request.ctx, "caller", None)
+    if caller is not None and caller.name is not None:
+        fields["client_key"] = caller.name  # the key's name, never the key
     session = getattr(request.ctx, "session_id", None)
     if session:
         fields["session_id"] = session

@@ -39,6 +39,7 @@ from sanic.request import Request
 from sanic.server.protocols.websocket_protocol import WebSocketProtocol
 
 from . import metrics, socket_frames
+from .access import BROWSER_SUBPROTOCOL
 
 log = logging.getLogger("a2e.connections")
 
@@ -169,6 +170,12 @@ class GuardedHttpProtocol(WebSocketProtocol):
     __slots__ = ("_refused", "_guard_timer", "_stage", "_stage_since", "_aborting")
 
     async def websocket_handshake(self, request, subprotocols=None):
+        # A browser, which cannot set headers on a WebSocket, offers ["a2e",
+        # "a2e-key.KEY"] (server.access reads the key): it is answered "a2e",
+        # never the key. Clients that offer no subprotocol are answered without one.
+        offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
+        if subprotocols is None and BROWSER_SUBPROTOCOL in offered:
+            subprotocols = [BROWSER_SUBPROTOCOL]
         # Binary messages (audio packets of /api/stream) by a plain call: see server/socket_frames.py.
         return socket_frames.install(await super().websocket_handshake(request, subprotocols))
 

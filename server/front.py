@@ -1,5 +1,6 @@
 """What an HTTP worker holds: decoding threads, bounds on work in progress,
-shutdown draining, and the engine it hands decoded audio to.
+shutdown draining, the credentials every door checks, and the engine it
+hands decoded audio to.
 
 The engine is an ``engine.service.InferenceService`` in this process
 (``--workers 0``, and the tests) or an ``engine.client.EnginePool`` speaking
@@ -24,6 +25,7 @@ from a2e.raw_pcm import RawFormat
 from engine.protocol import ChunkResult, Engine, ShuttingDown
 from runtime.settings import Settings
 
+from .credentials import Credentials
 from .turns import Turn
 
 log = logging.getLogger("a2e.front")
@@ -37,6 +39,7 @@ class Front:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
+        self.credentials = Credentials.from_settings(settings)  # every door's one check
         self.io_pool: ThreadPoolExecutor | None = None
         self.draining = False
         self._drain_expired: asyncio.Event | None = None

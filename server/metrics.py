@@ -45,6 +45,17 @@ STREAM_FPS = Histogram(
 STREAM_ANSWERS = Counter(
     "a2e_stream_answers_total", "Streaming answers sent; each that has frames ran one model window per started 2 s of its audio", ["transport"]
 )
+TLS_REFUSED = Counter(
+    "a2e_tls_connections_refused_total",
+    "HTTPS-port connections refused before any request: plain HTTP, a failed handshake (no or bad client certificate, old TLS), nothing sent",
+    ["reason"],
+)
+CALLER_REQUESTS = Counter(
+    "a2e_client_requests_total",
+    "Requests and streams by the name of the key (or client certificate) they showed; never the key",
+    ["client", "door"],
+)
+AUTH_REFUSED = Counter("a2e_auth_refused_total", "Requests and streams refused for missing, wrong or revoked credentials", ["door"])
 CLIENT_DISCONNECTS = Counter(
     "a2e_http_client_disconnects_total", "Requests whose client went away before the answer", ["endpoint"]
 )

@@ -45,9 +45,12 @@ def _loudness(value: object, front: Front) -> LoudnessMode:
     return LoudnessMode(forms.parse_str(value, "loudness", front.settings.loudness, _LOUDNESS))
 
 
-def client_address(request: Request) -> str:
-    """The client's address: from proxy headers when Sanic is configured to trust them, else the peer."""
-    return request.remote_addr or request.ip or "unknown"
+def client_of(request: Request) -> str:
+    """Whom ``--max-sessions-per-client`` counts this request against: its
+    key's name with keys per client, else its address (from proxy headers
+    when Sanic is configured to trust them, else the peer)."""
+    caller = getattr(request.ctx, "caller", None)
+    return caller.client if caller is not None else (request.remote_addr or request.ip or "unknown")
 
 
 def _identity(front: Front, value: object) -> int:
@@ -234,7 +237,7 @@ async def stream_init(request: Request) -> HTTPResponse:
     identity, seed, mode, loudness = session_options(front, body)
     spec, ignored = tuning_options(body)
     opened = await front.until_done(
-        front.engine.open_session(identity, seed, mode, loudness, client_address(request), spec)
+        front.engine.open_session(identity, seed, mode, loudness, client_of(request), spec)
     )
     request.ctx.session_id = opened.session_id
     answer = {

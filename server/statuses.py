@@ -11,6 +11,7 @@ from batching.errors import BatcherStopped, QueueFull
 from engine.client import EngineUnavailable
 
 from .connections import UploadRefused
+from .credentials import Unauthenticated
 from engine.protocol import (
     ChunkOutOfOrder,
     SeparationBusy,
@@ -27,6 +28,8 @@ Status = tuple[int, str, dict[str, str] | None]
 def status_of(exc: BaseException) -> Status | None:
     if isinstance(exc, RequestError):
         return exc.status, exc.detail, exc.headers
+    if isinstance(exc, Unauthenticated):
+        return 401, exc.detail, {"WWW-Authenticate": 'Bearer realm="lam-a2e"'}
     if isinstance(exc, TuningError):
         return 422, str(exc), None
     if isinstance(exc, AudioTooLongError):

@@ -53,7 +53,7 @@ from . import forms, responses
 from engine.protocol import ChunkResult
 from .front import Front
 from .live_stream import LiveStream, StreamError
-from .routes import client_address, session_options, tuning_options
+from .routes import client_of, session_options, tuning_options
 from .statuses import status_of
 
 log = logging.getLogger("a2e.stream")
@@ -75,7 +75,8 @@ class StreamConnection:
         self.front: Front = request.app.ctx.front
         self.settings = self.front.settings
         self.ws = ws
-        self.client = client_address(request)
+        self.client = client_of(request)
+        self.caller = request.ctx.caller
         self.live: LiveStream | None = None
         self.ending = False
         self.vanished = False  # the connection broke without an end message
@@ -99,6 +100,7 @@ class StreamConnection:
             while not self.ending:
                 message = await self.ws.recv()
                 self.last_message_at = time.monotonic()
+                self.caller = self.front.credentials.recheck(self.caller)  # a revoked key ends the stream
                 if isinstance(message, (bytes, bytearray, memoryview)):
                     self.live.feed(bytes(message))
                 else:
@@ -122,6 +124,7 @@ class StreamConnection:
         """An audio packet straight from the socket (see server/socket_frames.py)."""
         self.last_message_at = time.monotonic()
         try:
+            self.caller = self.front.credentials.recheck(self.caller)
             self.live.feed(data)
         except Exception as exc:  # noqa: BLE001 - told from a task: this runs inside the socket's callback
             self.ws.binary_sink = None

@@ -6,14 +6,20 @@ its frames, so the chunks the model sees are known (the test compares them
 with our own client's).
 
     python tests/nvidia_stub_client.py HOST:PORT clip.raw RATE SEED   (clip: 16-bit mono PCM)
+        [--secure-mode disabled|tls|mtls --ca-cert CA.pem --client-cert C.crt --client-key C.key] [--api-key KEY]
+
+The channel is made as NVIDIA's sample clients make theirs: plaintext, or
+``grpc.ssl_channel_credentials`` with the root certificate (``tls``) and
+the client's certificate and key (``mtls``); a key travels as call
+metadata, through ``metadata_call_credentials`` on a secure channel.
 
 Prints JSON: names, frame count, weights, echoed audio bytes, final status.
 """
 
+import argparse
 import json
 import math
 import queue
-import sys
 
 import grpc
 from nvidia_ace.audio_pb2 import AudioHeader
@@ -31,8 +37,35 @@ FACE = {"upperFaceStrength": 1.0, "lowerFaceStrength": 1.3, "skinStrength": 1.1,
 MULTIPLIERS = {"JawOpen": 1.0, "MouthFunnel": 1.2, "EyeLookDownLeft": 0.0, "TongueTipUp": 1.0}
 
 
+def channel_for(args: argparse.Namespace) -> grpc.Channel:
+    if args.secure_mode == "disabled":
+        return grpc.insecure_channel(args.target)
+    read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+    if args.secure_mode == "tls":
+        creds = grpc.ssl_channel_credentials(root_certificates=read(args.ca_cert))
+    else:
+        creds = grpc.ssl_channel_credentials(read(args.ca_cert), read(args.client_key), read(args.client_cert))
+    if args.api_key:
+        key = args.api_key
+        creds = grpc.composite_channel_credentials(
+            creds, grpc.metadata_call_credentials(lambda context, callback: callback((("x-api-key", key),), None))
+        )
+    return grpc.secure_channel(args.target, creds)
+
+
 def main() -> None:
-    target, path, rate, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target")
+    ap.add_argument("path")
+    ap.add_argument("rate", type=int)
+    ap.add_argument("seed", type=int)
+    ap.add_argument("--secure-mode", choices=("disabled", "tls", "mtls"), default="disabled")
+    ap.add_argument("--ca-cert")
+    ap.add_argument("--client-cert")
+    ap.add_argument("--client-key")
+    ap.add_argument("--api-key")
+    args = ap.parse_args()
+    path, rate, seed = args.path, args.rate, args.seed
     pcm = open(path, "rb").read()
     outbox: queue.Queue = queue.Queue()
     outbox.put(
@@ -48,8 +81,10 @@ def main() -> None:
         )
     )
     names, weights, echoed, status = [], [], 0, None
-    with grpc.insecure_channel(target) as channel:
-        answers = A2FControllerServiceStub(channel).ProcessAudioStream(iter(outbox.get, None), timeout=60)
+    # A key on a plaintext channel goes with the call (call credentials need TLS).
+    metadata = (("x-api-key", args.api_key),) if args.api_key and args.secure_mode == "disabled" else None
+    with channel_for(args) as channel:
+        answers = A2FControllerServiceStub(channel).ProcessAudioStream(iter(outbox.get, None), timeout=60, metadata=metadata)
 
         def take(message) -> str:
             nonlocal names, echoed, status

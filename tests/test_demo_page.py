@@ -1,7 +1,7 @@
 """The demo page (GET /demo) in real headless Chromium against a real server:
 a shipped clip animated whole, the face's drawn mouth following jawOpen,
 live streaming from a file and from the (fake) microphone over the
-WebSocket, a phone-sized layout. Screenshots go to benchmarks/out/demo/.
+WebSocket, a phone-sized layout; all behind ``--api-key``. Screenshots go to benchmarks/out/demo/.
 
 Needs Chromium (Debian's ``chromium``; ``.ci/run`` installs it)."""
 
@@ -27,11 +27,14 @@ SHOTS = ROOT / "benchmarks" / "out" / "demo"
 @pytest.fixture(scope="module")
 def page():
     port = free_port()
-    proc = start(["app.py", "--model", "a2e-lite"], port, dict(os.environ, A2E_LOG_LEVEL="warning"))
+    # Behind --api-key: the page sends it as a header for whole files and as a
+    # WebSocket subprotocol for live streams (a browser cannot set headers there).
+    proc = start(["app.py", "--model", "a2e-lite", "--api-key", "demo-key"], port, dict(os.environ, A2E_LOG_LEVEL="warning"))
     browser = Chromium()
     try:
         browser.navigate(f"http://127.0.0.1:{port}/demo")
         browser.wait_for("window.demo && document.getElementById('model-info').textContent.includes('a2e-lite')")
+        browser.evaluate("document.getElementById('api-key').value = 'demo-key'")
         yield browser, f"http://127.0.0.1:{port}"
     finally:
         browser.close()
@@ -46,8 +49,9 @@ def test_the_page_and_its_files_are_served_without_third_party_code(page):
         assert requests.get(f"{http}/demo/{name}").status_code == 200
     code = "".join(requests.get(f"{http}/demo/{n}").text for n in ("index.html", "demo.js", "face.js", "charts.js", "demo.css"))
     assert set(re.findall(r"https?://[^\s\"'`]+", code)) <= {"http://www.w3.org/2000/svg"}  # a namespace, never fetched
-    assert requests.get(http + "/demo/../app.py").status_code == 404
-    assert requests.get(http + "/demo/nothing.js").status_code == 404
+    key = {"X-API-Key": "demo-key"}
+    assert requests.get(http + "/demo/../app.py", headers=key).status_code == 404
+    assert requests.get(http + "/demo/nothing.js", headers=key).status_code == 404
 
 
 def test_a_shipped_clip_animates_and_the_mouth_follows_jaw_open(page):

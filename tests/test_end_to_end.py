@@ -28,21 +28,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args, port, env=None):
+def start(args, port, env=None, **https):
+    """The server, once healthy; ``https``: it speaks HTTPS, checked with these
+    requests arguments (``verify`` the CA, ``cert`` a client certificate)."""
     cmd = [sys.executable, *args, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    wait_until_healthy(proc, port)
+    wait_until_healthy(proc, port, **https)
     return proc
 
 
-def wait_until_healthy(proc, port, poll_s=0.2, timeout_s=60.0):
+def wait_until_healthy(proc, port, poll_s=0.2, timeout_s=60.0, **https):
     """Until /api/health first answers 200 (polled every ``poll_s``, as a readiness probe does)."""
     deadline = time.time() + timeout_s
+    url = f"{'https' if https else 'http'}://127.0.0.1:{port}/api/health"
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}")
         try:
-            if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+            if requests.get(url, timeout=1, **https).status_code == 200:
                 return
         except (requests.ConnectionError, requests.Timeout):  # with workers, the port opens before they serve
             pass

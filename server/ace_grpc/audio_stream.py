@@ -30,11 +30,13 @@ from a2e.errors import AudioError
 from batching.errors import QueueFull
 
 from engine.protocol import ChunkResult, SessionLimitReached
+from ..credentials import Caller, Unauthenticated
 from ..front import Front
 from ..live_stream import LiveStream, StreamError
 from ..routes import session_options
 from ..statuses import status_of
 from . import protocol
+from .guard import CALLER, peer_host
 
 log = logging.getLogger("a2e.grpc")
 
@@ -65,6 +67,8 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The gRPC status of a failure (None: ours, an internal error)."""
     if isinstance(exc, CallError):
         return exc.code, exc.detail
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, exc.detail
     if isinstance(exc, (QueueFull, SessionLimitReached)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}"
     if isinstance(exc, StreamError):
@@ -73,16 +77,6 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if known is None:
         return None
     return _GRPC_CODES.get(known[0], grpc.StatusCode.INTERNAL), known[1]
-
-
-def peer_host(peer: str) -> str:
-    """The client's address from gRPC's ``ipv4:1.2.3.4:5678`` / ``ipv6:[::1]:5678``."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6" and rest.startswith("["):
-        return rest[1 : rest.find("]")]
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    return peer
 
 
 class AudioStreamCall:
@@ -98,6 +92,7 @@ class AudioStreamCall:
         self.last_message_at = time.monotonic()
         self.failure: BaseException | None = None
         self.task: asyncio.Task | None = None
+        self.caller = CALLER.get() or Caller(None, peer_host(context.peer()))
 
     @property
     def session_id(self) -> str | None:
@@ -147,6 +142,7 @@ class AudioStreamCall:
             self.last_message_at = time.monotonic()
             if self.failure is not None:
                 return
+            self.caller = self.front.credentials.recheck(self.caller)  # a revoked key ends the stream
             if message is grpc.aio.EOF:
                 return  # the client closed its side without end_of_audio: the same end
             part = message.WhichOneof("stream_part")
@@ -193,7 +189,7 @@ class AudioStreamCall:
         identity, seed, mode, loudness = session_options(self.front, {"id_idx": ints.pop("id_idx", None), "seed": ints.pop("seed", None)})
         self.ignored += [f"face_params.integer_params.{name[:64]}" for name in ints]
         opened = await self.front.until_done(
-            self.front.engine.open_session(identity, seed, mode, loudness, peer_host(self.context.peer()), spec)
+            self.front.engine.open_session(identity, seed, mode, loudness, self.caller.client, spec)
         )
         self.live = LiveStream(self.front, opened.session_id, fmt, self.settings.stream_hop_s, "grpc", self._frames, self._fail)
         answer = protocol.messages.A2F3DAnimationDataStream(

@@ -1,5 +1,7 @@
 """The gRPC server of an HTTP worker: ``A2FControllerService`` and the
-standard health service (``grpc.health.v1``), on ``--grpc-port``.
+standard health service (``grpc.health.v1``), on ``--grpc-port``, in
+plaintext or TLS (the HTTP port's certificate files), every method but
+health's behind the credentials check (``guard``).
 
 It runs on the worker's own event loop, beside Sanic, and hands work to the
 worker's front like the HTTP handlers. With several workers each binds the
@@ -23,6 +25,7 @@ from ..front import Front
 from runtime.settings import Settings
 from . import protocol
 from .audio_stream import AudioStreamCall
+from .guard import KeyGuard
 
 log = logging.getLogger("a2e.grpc")
 
@@ -39,8 +42,9 @@ class A2FController(protocol.services.A2FControllerServiceServicer):
 
 
 class GrpcListener:
-    def __init__(self, front: Front, host: str, port: int, max_message_bytes: int, share_port: bool) -> None:
+    def __init__(self, front: Front, host: str, port: int, max_message_bytes: int, share_port: bool, tls_files=None) -> None:
         self.front = front
+        self.tls_files = tls_files  # server.tls.CertificateFiles, or None: plaintext
         self.share_port = share_port
         self.address = f"{'[::]' if host in ('0.0.0.0', '::', '') else host}:{port}"
         self.max_message_bytes = max_message_bytes
@@ -51,6 +55,7 @@ class GrpcListener:
 
     async def start(self) -> None:
         self.server = grpc.aio.server(
+            interceptors=[KeyGuard(self.front.credentials)],
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.so_reuseport", 1 if self.share_port else 0),
@@ -59,13 +64,19 @@ class GrpcListener:
         protocol.services.add_A2FControllerServiceServicer_to_server(A2FController(self.front), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
-            self.port = self.server.add_insecure_port(self.address)
+            if self.tls_files is None:
+                self.port = self.server.add_insecure_port(self.address)
+            else:
+                self.port = self.server.add_secure_port(self.address, self.tls_files.grpc_credentials())
         except RuntimeError as exc:
             raise OSError(f"cannot listen for gRPC on {self.address}: {exc} (--grpc-port 0 turns gRPC off)") from None
         await self.server.start()
         await self._refresh_health()
         self._refresher = asyncio.ensure_future(self._keep_health())
-        log.info("Audio2Face-3D gRPC API on %s:%d", self.address.rsplit(":", 1)[0], self.port)
+        log.info(
+            "Audio2Face-3D gRPC API on %s:%d (%s)", self.address.rsplit(":", 1)[0], self.port,
+            "plaintext" if self.tls_files is None else "mutual TLS" if self.tls_files.mutual else "TLS",
+        )  # fmt: skip
 
     async def _refresh_health(self) -> None:
         serving = self.front.engine.ready and not self.front.draining
@@ -98,7 +109,7 @@ def serve_grpc(app: Sanic, settings: Settings, share_port: bool = False, port: i
 
     @app.before_server_start
     async def start_grpc(app: Sanic) -> None:
-        app.ctx.grpc = GrpcListener(app.ctx.front, settings.host, port, settings.max_upload_bytes, share_port)
+        app.ctx.grpc = GrpcListener(app.ctx.front, settings.host, port, settings.max_upload_bytes, share_port, app.ctx.tls)
         await app.ctx.grpc.start()
 
     @app.before_server_stop

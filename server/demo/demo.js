@@ -217,7 +217,9 @@ async function startLive(kind) {
     stopSource = () => { try { source.stop(); } catch (e) { /* already ended */ } };
   }
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${scheme}://${location.host}/api/stream`);
+  // Browsers cannot set headers on a WebSocket: the key goes as a subprotocol, answered "a2e".
+  const key = $("api-key").value.trim();
+  const ws = new WebSocket(`${scheme}://${location.host}/api/stream`, key ? ["a2e", `a2e-key.${key}`] : []);
   ws.binaryType = "arraybuffer";
   const tap = ctx.createScriptProcessor(2048, 1, 1);
   const blockMs = 2048 / ctx.sampleRate * 1000;
@@ -266,7 +268,7 @@ async function startLive(kind) {
     }
   };
   ws.onclose = () => endedResolve();
-  ws.onerror = () => setStatus("the WebSocket failed (behind --api-key, streams need a proxy that adds the key)", true);
+  ws.onerror = () => setStatus("the WebSocket failed (with --api-key: is the key on this page right?)", true);
 
   tap.onaudioprocess = (e) => {
     if (!session.started || ws.readyState !== WebSocket.OPEN) return;
