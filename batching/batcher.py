@@ -137,9 +137,7 @@ class MicroBatcher:
         max_queue_wait_s: float = math.inf,
         batch_s: float = 0.0,
         on_batch: Callable[[list[tuple[object, Future]]], None] | None = None,
-    ) -> None:
-        """``batch_s``: the time of a full batch measured at start-up, the
-        estimate admission uses until full batches have run."""
+    ) -> None:  # batch_s: a full batch's time measured at start-up, until full batches have run
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.runner = runner
@@ -210,11 +208,8 @@ class MicroBatcher:
         with self._cond:
             if not self._running:
                 raise BatcherStopped("inference is not running")
-            # Refused at once when it could not be done within the time
-            # budget after what is already queued: a burst is told to come
-            # back, instead of waiting past its deadline for an answer
-            # nobody reads. A job alone is always taken (the length limits
-            # keep its own time within the budget).
+            # Refused at once when it could not be done within the budget after what is queued (not
+            # answered past its deadline); a job alone is always taken (length limits bound its own time).
             done_in_s = self.estimated_wait_s(job.rows)
             if self._queue and (self._queued_rows + job.rows > self.max_queue or done_in_s > self.max_queue_wait_s):
                 metrics.child(metrics.REJECTED).inc()
@@ -246,8 +241,7 @@ class MicroBatcher:
         return self._enqueue(_WindowJob(windows, ids, Future() if tag is None else TaggedResult(self._cond), tag))
 
     def submit_clip(self, audio: np.ndarray, identity: int, stop: threading.Event | None = None) -> Future:
-        """One whole-clip pass; once ``stop`` is set it ends between layers (a
-        runner that can, ``interruptible``) with Cancelled."""
+        """One whole-clip pass; once ``stop`` is set it ends between layers (``interruptible`` runners)."""
         audio = np.asarray(audio, dtype=np.float32)
         # A pass over N samples costs about what N / WINDOW_SAMPLES windows do.
         rows = max(1, math.ceil(len(audio) / WINDOW_SAMPLES))
