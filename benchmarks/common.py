@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -104,17 +105,19 @@ def multipart(session_id: str, chunk: bytes, chunk_index: int | None = None) -> 
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection (enough for this benchmark's requests)."""
+    """One keep-alive HTTP/1.1 connection (enough for this benchmark's
+    requests), over TLS when given a client context; ``fresh``: a new
+    connection for every request, closed after its answer."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None, fresh: bool = False) -> None:
+        self.host, self.port, self.tls, self.fresh = host, port, tls, fresh
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, method: str, path: str, body: bytes = b"", ctype: str = "application/json",
                       session: str = "") -> tuple[int, bytes]:  # fmt: skip
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
         # X-Session-Id, as our client sends it: what a balancer hashing on the session reads.
         extra = f"X-Session-Id: {session}\r\n" if session else ""
         head = (
@@ -133,16 +136,21 @@ class Connection:
             name, _, value = line.decode().partition(":")
             if name.lower() == "content-length":
                 length = int(value)
-        return status, await self.reader.readexactly(length)
+        body = await self.reader.readexactly(length)
+        if self.fresh:
+            self.close()
+        return status, body
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = self.reader = None
 
 
-async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results, chunk_s=1.0, numbered=False):
+async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results, chunk_s=1.0, numbered=False,
+                      tls=None, fresh=False):  # fmt: skip
     u = urlparse(url)
-    conn = Connection(u.hostname, u.port or 80)
+    conn = Connection(u.hostname, u.port or 80, tls, fresh)
     status, body = await conn.request("POST", "/api/infer_stream_init", json.dumps({"id_idx": index % 12}).encode())
     if status != 200:
         results.append({"error": f"init {status}"})
@@ -172,13 +180,15 @@ async def run_session(url, index, n_sessions, chunks, n_chunks, t_start, results
 
 
 async def run_level(url: str | list[str], n: int, n_chunks: int, chunks: list[bytes], chunk_s: float = 1.0,
-                    numbered: bool = False) -> dict:  # fmt: skip
+                    numbered: bool = False, tls: ssl.SSLContext | None = None, fresh: bool = False) -> dict:  # fmt: skip
     """``n`` paced sessions against ``url``, or against several: session i
-    then goes wholly to ``url[i % len(url)]``."""
+    then goes wholly to ``url[i % len(url)]``; ``tls``: the client context for
+    https URLs; ``fresh``: a new connection per request (no keep-alive)."""
     urls = [url] if isinstance(url, str) else url
     results: list[dict] = []
     t_start = time.perf_counter() + 0.5
-    await asyncio.gather(*(run_session(urls[i % len(urls)], i, n, chunks, n_chunks, t_start, results, chunk_s, numbered)
+    await asyncio.gather(*(run_session(urls[i % len(urls)], i, n, chunks, n_chunks, t_start, results, chunk_s, numbered,
+                                       tls, fresh)
                            for i in range(n)))  # fmt: skip
     lat = np.array([x for r in results if "latencies" in r for x in r["latencies"]])
     first = np.array([r["latencies"][0] for r in results if "latencies" in r])
@@ -220,7 +230,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(weight: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(weight: Path, max_batch: int, extra: list[str],
+                 tls: ssl.SSLContext | None = None) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    """The server on a free port, healthy; ``tls``: the client context that
+    trusts its certificate (``extra`` then holds --tls-cert and --tls-key)."""
     import urllib.request
 
     port = free_port()
@@ -229,10 +242,10 @@ def start_server(weight: Path, max_batch: int, extra: list[str]) -> tuple[subpro
            # every simulated client comes from 127.0.0.1: lift the per-client session cap
            "--max-sessions-per-client", "1000000", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     for _ in range(600):
         try:
-            with urllib.request.urlopen(url + "/api/health", timeout=1) as r:
+            with urllib.request.urlopen(url + "/api/health", timeout=1, context=tls) as r:
                 if json.load(r)["status"] == "healthy":
                     return proc, url
         except OSError:

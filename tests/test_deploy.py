@@ -112,6 +112,18 @@ def test_the_compose_cluster_wires_three_nodes_redis_haproxy_prometheus_and_graf
     assert sorted(t.split(":")[0] for t in scrape["static_configs"][0]["targets"]) == sorted(nodes)
 
 
+def test_the_tls_override_mounts_what_the_repository_has_and_loads_tls_cfg_after_the_cluster_file():
+    # What the shipped tls.cfg does is tested live (tests/test_tls.py, HAProxy terminating TLS).
+    haproxy = yaml.safe_load((DEPLOY / "compose.tls.yaml").read_text())["services"]["haproxy"]
+    command = haproxy["command"]
+    assert command.index("/usr/local/etc/haproxy/haproxy.cfg") < command.index("/usr/local/etc/haproxy/tls.cfg")
+    mounts = dict(volume.split(":")[:2] for volume in haproxy["volumes"])
+    assert all((DEPLOY / source).exists() for source in mounts), mounts
+    assert mounts["./haproxy/certs"] == "/usr/local/etc/haproxy/certs"
+    assert "/usr/local/etc/haproxy/certs/lam-a2e.pem" in (DEPLOY / "haproxy" / "tls.cfg").read_text()
+    assert {"8443:8443", "52443:52443"} <= set(haproxy["ports"])
+
+
 def test_the_dashboard_asks_for_metrics_we_export():
     import json
 

@@ -31,6 +31,7 @@ from runtime.settings import load_settings
 from server import tls
 from server.credentials import Credentials
 from tests.certs import issue, make_ca
+from tests.cluster_parts import Node, require, wait_for_port
 from tests.conftest import ENGLISH, speech_like
 from tests.test_end_to_end import free_port, stop, wait_until_healthy
 
@@ -103,9 +104,14 @@ def der(path: Path) -> bytes:
 
 @pytest.mark.parametrize("door", ["http", "grpc"])
 def test_a_scanner_finds_tls_1_2_and_1_3_only_and_strong_suites(tls_server, door):
+    scan_policy(tls_server.port if door == "http" else tls_server.grpc_port, tls_server.cert)
+
+
+def scan_policy(port: int, cert: Path) -> None:
+    """sslyze on ``port``: no SSL 2/3, TLS 1.0/1.1 or compression; TLS 1.2
+    with ECDHE AEAD suites only, TLS 1.3; ``cert`` served first in the chain."""
     from sslyze import Scanner, ScanCommand, ServerNetworkLocation, ServerScanRequest, ServerScanStatusEnum
 
-    port = tls_server.port if door == "http" else tls_server.grpc_port
     commands = {ScanCommand.SSL_2_0_CIPHER_SUITES, ScanCommand.SSL_3_0_CIPHER_SUITES, ScanCommand.TLS_1_0_CIPHER_SUITES,
                 ScanCommand.TLS_1_1_CIPHER_SUITES, ScanCommand.TLS_1_2_CIPHER_SUITES, ScanCommand.TLS_1_3_CIPHER_SUITES,
                 ScanCommand.CERTIFICATE_INFO, ScanCommand.TLS_COMPRESSION}  # fmt: skip
@@ -127,7 +133,7 @@ def test_a_scanner_finds_tls_1_2_and_1_3_only_and_strong_suites(tls_server, door
     assert not scan.tls_compression.result.supports_compression
     (deployment,) = scan.certificate_info.result.certificate_deployments
     served = [c.public_bytes(serialization.Encoding.DER) for c in deployment.received_certificate_chain]
-    assert served[0] == der(tls_server.cert)
+    assert served[0] == der(cert)
 
 
 def test_plain_http_on_the_tls_port_is_told_to_use_https(tls_server):
@@ -283,3 +289,58 @@ def test_unusable_files_stop_start_up_naming_the_file_and_the_problem(pki, tmp_p
     out = subprocess.run([sys.executable, "app.py", "--tls-cert", str(server.cert), "--tls-key", str(alice.key), "--port", str(free_port()),
                           "--grpc-port", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert out.returncode == 2 and "does not match the certificate" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- or TLS terminated at HAProxy (deploy/haproxy/tls.cfg) -----------------------------------
+
+HAPROXY_BACKENDS = """\
+global
+    maxconn 1024
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+backend lam_a2e_nodes
+    server node 127.0.0.1:{http}
+backend lam_a2e_grpc_nodes
+    mode tcp
+    server node 127.0.0.1:{grpc}
+"""
+
+
+def test_haproxy_terminates_tls_for_plain_nodes_with_the_shipped_configuration(pki, tmp_path):
+    haproxy = require("haproxy")
+    node = Node(["--model", "a2e-lite", "--api-key", KEY, "--stream-hop-s", "0.5"], grpc=True).start()
+    bundle = tmp_path / "lam-a2e.pem"
+    bundle.write_text(pki["server"].cert.read_text() + pki["server"].key.read_text())
+    https, grpcs = free_port(), free_port()
+    # The shipped frontends as they are; only the certificate's path and the ports are this machine's.
+    shipped = (ROOT / "deploy" / "haproxy" / "tls.cfg").read_text()
+    assert shipped.count("/usr/local/etc/haproxy/certs/lam-a2e.pem") == 2
+    local = (shipped.replace("/usr/local/etc/haproxy/certs/lam-a2e.pem", str(bundle))
+             .replace("bind :8443 ", f"bind 127.0.0.1:{https} ").replace("bind :52443 ", f"bind 127.0.0.1:{grpcs} "))  # fmt: skip
+    (tmp_path / "backends.cfg").write_text(HAPROXY_BACKENDS.format(http=node.port, grpc=node.grpc_port))
+    (tmp_path / "tls.cfg").write_text(local)
+    proxy = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "backends.cfg"), "-f", str(tmp_path / "tls.cfg")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_for_port(https)
+        wait_for_port(grpcs)
+        for port in (https, grpcs):
+            scan_policy(port, pki["server"].cert)
+        client = Client(f"https://127.0.0.1:{https}", api_key=KEY, ca_cert=pki["ca_pem"])
+        assert len(client.animate(ENGLISH)["frames"]) == 240
+        pcm = (speech_like(1.0) * 32767).astype("<i2").tobytes()
+        assert len(list(client.stream_websocket([pcm[:8000], pcm[8000:]]))) == 30  # wss:// through HAProxy
+        init = requests.post(f"https://127.0.0.1:{https}/api/infer_stream_init", json={}, verify=str(pki["ca_pem"]), timeout=5)
+        assert init.status_code == 401  # the nodes still ask for the key
+        if nvidia_modules():
+            ok = nvidia_client(f"127.0.0.1:{grpcs}", tmp_path, "--secure-mode", "tls", "--ca-cert", str(pki["ca_pem"]),
+                               "--api-key", KEY)  # fmt: skip
+            assert ok.returncode == 0 and json.loads(ok.stdout)["frames"] == 90, ok.stderr
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        node.kill()
