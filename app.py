@@ -284,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         # Keys and certificates that cannot be used stop start-up here, naming the file.
         Credentials.from_settings(settings)
         tls.check(settings)
+        if settings.shared_state:  # a Sentinel without the service, a server that is no cluster node: said now
+            from engine.redis_connect import check_address
+
+            check_address(settings.state)
         # Another server on our ports: said at once, before anything is loaded or downloaded.
         check_free(settings.host, settings.port, "HTTP", "--port")
         check_free(settings.host, settings.grpc_port, "Audio2Face-3D gRPC", "--grpc-port (0 turns gRPC off)")

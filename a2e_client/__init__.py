@@ -2,5 +2,6 @@
 WebSocket streaming) and the ``lam-a2e`` command line."""
 
 from .client import Client, ServerError, Session
+from .replay import ReplayError
 
-__all__ = ["Client", "ServerError", "Session"]
+__all__ = ["Client", "ReplayError", "ServerError", "Session"]

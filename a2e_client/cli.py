@@ -89,6 +89,11 @@ def stream(client: Client, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["cluster", "up"]:  # the operator's command: its own flags, imported only here
+        from local_cluster.up import main as cluster_up
+
+        return cluster_up(argv[2:])
     ap = argparse.ArgumentParser(prog="lam-a2e", description="Animate speech with a LAM-A2E server.")
     ap.add_argument("--url", default=os.environ.get("LAM_A2E_URL", "http://localhost:8000"))
     ap.add_argument("--api-key", default=os.environ.get("LAM_A2E_API_KEY"))

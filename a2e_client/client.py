@@ -29,6 +29,8 @@ from typing import Any, BinaryIO
 
 import requests
 
+from .replay import SentChunks
+
 JSON_FORMATS = ("json", "json_named")
 log = logging.getLogger("a2e_client")
 
@@ -36,10 +38,11 @@ log = logging.getLogger("a2e_client")
 class ServerError(RuntimeError):
     """The server answered an error: its status and the reason it gave."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, expected_chunk_index: int | None = None) -> None:
         super().__init__(f"{status}: {detail}")
         self.status = status
         self.detail = detail
+        self.expected_chunk_index = expected_chunk_index  # a 409's X-Expected-Chunk-Index
 
 
 def _audio_bytes(audio: str | Path | bytes | BinaryIO) -> tuple[str, bytes]:
@@ -61,10 +64,14 @@ class Client:
         ca_cert: str | Path | None = None,
         client_cert: str | Path | None = None,
         client_key: str | Path | None = None,
+        replay_s: float = 10.0,
     ) -> None:
         """``https://`` URLs are verified against the system's CAs, or
         ``ca_cert`` (a PEM file) for a private CA; ``client_cert`` and
-        ``client_key`` (PEM) answer a server that asks for mutual TLS."""
+        ``client_key`` (PEM) answer a server that asks for mutual TLS.
+        Streaming sessions keep the last ``replay_s`` seconds of the audio
+        they sent, to send again where the server's store lost it."""
+        self.replay_s = replay_s
         if (client_cert is None) != (client_key is None):
             raise ValueError("a client certificate needs both client_cert and client_key")
         self.url = url.rstrip("/")
@@ -116,7 +123,8 @@ class Client:
                 detail = res.json().get("detail", res.text)
             except ValueError:
                 detail = res.text
-            raise ServerError(res.status_code, str(detail))
+            expected = res.headers.get("X-Expected-Chunk-Index", "")
+            raise ServerError(res.status_code, str(detail), int(expected) if expected.isdigit() else None)
         return res
 
     # -- the endpoints ----------------------------------------------------------------
@@ -272,20 +280,57 @@ class Session:
         self.audio_seconds = 0.0
         self.chunks_sent = 0
         self.closed = False
+        self.sent = SentChunks(client.replay_s)
+        self.replayed = 0  # chunks sent again after the server's store lost them
 
     def send(self, chunk: bytes, pcm: bool = False) -> dict:
         """``/api/infer_stream_chunk``: the chunk's answer (the document's JSON).
         ``pcm``: the chunk is 16 kHz mono s16le PCM (said so, not guessed).
-        Sent with its ``chunk_index``: retried, it is answered again, not applied twice."""
-        fields = {"session_id": self.id, "chunk_index": str(self.chunks_sent + 1)}
+        Sent with its ``chunk_index``: retried, it is answered again, not
+        applied twice. Where the server's store lost the session's last
+        chunks (409 naming an earlier chunk), those are sent again from what
+        this session kept, each checked against the answer it got before,
+        and then this one."""
+        index = self.chunks_sent + 1
+        for attempt in range(4):
+            try:
+                answer = self._post(index, chunk, pcm)
+                break
+            except ServerError as exc:
+                expected = exc.expected_chunk_index
+                if exc.status != 409 or expected is None or expected >= index or attempt == 3:
+                    raise
+                self._replay(expected)
+        self.chunks_sent += 1
+        self.audio_seconds += answer["metadata"].get("audio_length", 0.0)
+        self.sent.add(index, chunk, pcm, answer)
+        return answer
+
+    def _post(self, index: int, chunk: bytes, pcm: bool) -> dict:
+        fields = {"session_id": self.id, "chunk_index": str(index)}
         if pcm:
             fields.update(sample_rate="16000", encoding="s16le", channels="1")
         res = self.client._call("POST", "/api/infer_stream_chunk", data=fields, headers={"X-Session-Id": self.id},
                                 files={"audio_chunk": ("chunk", io.BytesIO(chunk))})  # fmt: skip
-        self.chunks_sent += 1
-        answer = res.json()
-        self.audio_seconds += answer["metadata"].get("audio_length", 0.0)
-        return answer
+        return res.json()
+
+    def _replay(self, expected: int) -> None:
+        """Send the kept chunks from ``expected`` on again (from an earlier one
+        if the store lost more meanwhile), checking each answer."""
+        log.warning("session %s: the server's store lost chunks from %d on; sending them again", self.id, expected)
+        todo = self.sent.since(expected)
+        while todo:
+            item = todo[0]
+            try:
+                answer = self._post(item.index, item.audio, item.pcm)
+            except ServerError as exc:
+                if exc.status == 409 and exc.expected_chunk_index is not None and exc.expected_chunk_index < item.index:
+                    todo = self.sent.since(exc.expected_chunk_index)
+                    continue
+                raise
+            SentChunks.check(item, answer)
+            self.replayed += 1
+            todo.pop(0)
 
     def close(self) -> dict | None:
         if self.closed:

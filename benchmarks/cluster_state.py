@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cpu_s, machine, released_checkpoint, run_level, save, speech_chunks, tree  # noqa: E402
-from tests.cluster_parts import HAProxy, Node, RedisServer  # noqa: E402 - the same real parts the tests start
+from local_cluster.nodes import HAProxy, Node  # noqa: E402 - the parts `lam-a2e cluster up` starts
+from local_cluster.redis_parts import RedisServer  # noqa: E402
 
 NODE_ARGS = ["--grpc-port", "0", "--max-sessions-per-client", "1000000", "--max-sessions", "100000"]
 

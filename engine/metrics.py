@@ -32,3 +32,11 @@ STATE_ERRORS = Counter("a2e_state_store_errors_total", "State-store operations t
 STATE_CONFLICTS = Counter(
     "a2e_state_store_conflicts_total", "Chunks whose session another engine moved on while they ran (run again on the newer state)"
 )
+STATE_RETRIES = Counter(
+    "a2e_state_store_retries_total",
+    "State-store operations tried again after a failover's error (connection lost, READONLY, no primary yet)", ["op"])
+STATE_ROLLBACKS = Counter(
+    "a2e_state_store_rollbacks_total",
+    "Chunks refused (409) because the store had lost the session's last chunks (a failover to a replica that lacked them)")
+STATE_UNACKED = Counter(
+    "a2e_state_store_unacked_total", "Chunk writes no replica confirmed within --state-ack-timeout-ms (answered 503)")

@@ -32,14 +32,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+import os
 
 from a2e.constants import WINDOW_SAMPLES
 from a2e.streaming import StreamState
 
-from . import metrics
+from runtime.store_address import parse
+
+from . import metrics, redis_connect
 from .protocol import ChunkResult, SessionClosed, SessionLimitReached, SessionNotFound, StateUnavailable
 from .session_codec import decode_answer, decode_state, piece_samples
 
@@ -52,7 +54,6 @@ log = logging.getLogger("a2e.state")
 
 PREFIX = "a2e:"
 ALL_SESSIONS = PREFIX + "sessions"
-CONNECT_TIMEOUT_S = 1.0
 # Longer than any one operation on a healthy store (a chunk's write is ~40 KB,
 # a full read ~90 KB): past it the store counts as unreachable and the chunk
 # is answered 503.
@@ -100,15 +101,21 @@ return {n, v[2], state, last, audio}
 # KEYS: session, its audio, all sessions, the client's sessions. ARGV: id,
 # the n the chunk was run on, new state, answer, ttl ms, frames sent, first
 # chunk's arrival, now (wall clock, s), the chunk's audio, how many audio
-# pieces to keep with it (0: it replaces them all). Returns {'ok', n+1} |
-# {'moved', n} | {'gone', -1}.
+# pieces to keep with it (0: it replaces them all), the write's token.
+# Returns {'ok', n+1} | {'moved', n} | {'gone', -1}. The token makes the
+# write safe to send again (after a failover cut its answer off): a write
+# that already landed finds its own token and reports 'ok' again.
 _COMMIT = _NOW + """
-local n = redis.call('HGET', KEYS[1], 'n')
-if not n then return {'gone', -1} end
-n = tonumber(n)
-if n ~= tonumber(ARGV[2]) then return {'moved', n} end
+local v = redis.call('HMGET', KEYS[1], 'n', 'w')
+if not v[1] then return {'gone', -1} end
+local n = tonumber(v[1])
+if n ~= tonumber(ARGV[2]) then
+  if n == tonumber(ARGV[2]) + 1 and v[2] == ARGV[11] then return {'ok', n} end
+  return {'moved', n}
+end
 local ttl = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'n', n + 1, 'state', ARGV[3], 'last', ARGV[4], 'frames', ARGV[6], 'last_at', ARGV[8])
+redis.call('HSET', KEYS[1], 'n', n + 1, 'state', ARGV[3], 'last', ARGV[4], 'frames', ARGV[6], 'last_at', ARGV[8],
+           'w', ARGV[11])
 redis.call('HSETNX', KEYS[1], 'first_at', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ttl)
 local keep = tonumber(ARGV[10])
@@ -127,16 +134,6 @@ _COUNT = _NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
-
-
-def redacted(url: str) -> str:
-    """The store's address as health and logs show it: without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username + ':' if parts.username else ':'}***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass
@@ -163,6 +160,7 @@ class Commit:
     first_at: float
     audio: bytes
     keep: int
+    token: bytes = field(default_factory=lambda: os.urandom(8))  # the same for every send of this write
 
 
 def pieces_to_keep(pieces: list[int]) -> int:
@@ -176,54 +174,21 @@ def pieces_to_keep(pieces: list[int]) -> int:
     return len(pieces)
 
 
-class _Line:
-    """One connection of redis-py's, used directly for the chunks' round trips:
-    packed commands out, replies in, one exchange at a time. redis-py's
-    pool, script and retry layers around each call cost ~65 µs of CPU
-    (isolated, measured), several times that between model batches; the
-    protocol, authentication and TLS stay redis-py's."""
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-        self.conn: Any = None
-        self.lock = asyncio.Lock()
-
-    async def exchange(self, commands: list[tuple]) -> list:
-        """Each command's reply, in order (an error reply as its exception)."""
-        from redis.exceptions import ResponseError
-
-        async with self.lock:
-            if self.conn is None:
-                self.conn = self.pool.make_connection()
-            try:
-                await self.conn.connect()  # nothing to do while connected
-                await self.conn.send_packed_command(self.conn.pack_commands(commands), check_health=False)
-                replies = []
-                for _ in commands:
-                    try:
-                        replies.append(await self.conn.read_response(disable_decoding=True))
-                    except ResponseError as error:  # read whole: the connection stays in step
-                        replies.append(error)
-                return replies
-            except BaseException:
-                # Replies left unread, or a deadline that cut the exchange short: start clean.
-                await self.conn.disconnect(nowait=True)
-                raise
-
-    async def aclose(self) -> None:
-        if self.conn is not None:
-            await self.conn.disconnect(nowait=True)
-            self.conn = None
-
-
 class RedisSessions:
-    """Session records in one Redis, through redis-py's asyncio client (made
-    on first use, on the event loop that uses it)."""
+    """Session records in Redis (one server, Sentinel's primary), through
+    redis-py's asyncio client (made on first use, on the event loop that
+    uses it). An operation that meets a failover is retried on the new
+    primary for up to ``failover_s``; with ``ack="replica"`` a chunk's write
+    counts only once a replica holds it."""
 
     shared = True
 
-    def __init__(self, url: str, idle_timeout_s: float, max_sessions: int, max_per_client: int) -> None:
+    def __init__(self, url: str, idle_timeout_s: float, max_sessions: int, max_per_client: int, *,
+                 ack: str = "primary", ack_timeout_ms: int = 1000, failover_s: float = 10.0) -> None:  # fmt: skip
         self.url = url
+        self.address = parse(url)
+        self.ack, self.ack_timeout_ms, self.failover_s = ack, ack_timeout_ms, failover_s
+        self.topology: dict[str, Any] = {"mode": self.address.kind}
         self.ttl_ms = int(idle_timeout_s * 1000)
         self.max_sessions = max_sessions
         self.max_per_client = max_per_client
@@ -233,63 +198,72 @@ class RedisSessions:
         self.detail: str | None = None
         self.latency_ms: float | None = None
         self.sessions: int | None = None
-        self._lines: dict[str, _Line] = {}
+        self._lines: dict[str, redis_connect.Line] = {}
 
     def _client(self) -> Any:
         if self._redis is None:
-            import redis.asyncio as aioredis
-
-            # No socket_timeout: redis-py would then wrap every send and read
-            # in a timer of its own (~70 µs of CPU a call, measured); _run
-            # bounds the whole operation instead, and redis-py drops a
-            # connection that an expired deadline cuts short.
-            self._redis = aioredis.Redis.from_url(
-                self.url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S,
-                health_check_interval=30, decode_responses=False,
-            )  # fmt: skip
+            # _run bounds each whole operation, and redis-py drops a connection
+            # that an expired deadline cuts short.
+            self._redis = redis_connect.client(self.address)
             for name, lua in (("create", _CREATE), ("fetch", _FETCH), ("commit", _COMMIT), ("count", _COUNT)):
                 self._scripts[name] = self._redis.register_script(lua)
             # A chunk's read and its batch's write each on a line of their own:
             # a read never waits behind a write.
-            self._lines = {op: _Line(self._redis.connection_pool) for op in ("fetch", "commit")}
+            self._lines = {op: redis_connect.Line(self._redis.connection_pool) for op in ("fetch", "commit")}
         return self._redis
 
-    async def _scripted(self, op: str, calls: list[tuple[list[str], list]]) -> list:
-        """``op``'s script once per (keys, args), in one round trip on ``op``'s
-        line, each reply or its error; where Redis had lost the script (a
-        restart, a flush), it is loaded and those calls (which ran nothing)
-        sent again."""
+    async def _scripted(self, op: str, calls: list[tuple[list[str], list]], after: list[tuple] = ()) -> list:
+        """``op``'s script once per (keys, args), then the commands ``after``,
+        in one round trip on ``op``'s line: each reply or its error. Where
+        Redis had lost the script (a restart, a flush, a promoted replica), it
+        is loaded and those calls (which ran nothing) sent again, with
+        ``after`` again behind them."""
         from redis.exceptions import NoScriptError
 
         sha = self._scripts[op].sha
         commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
-        replies = await self._lines[op].exchange(commands)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        replies = await self._lines[op].exchange([*commands, *after])
+        missing = [i for i, reply in enumerate(replies[: len(commands)]) if isinstance(reply, NoScriptError)]
         if missing:
             await self._redis.script_load(self._scripts[op].script)
-            for i, reply in zip(missing, await self._lines[op].exchange([commands[i] for i in missing])):
+            again = await self._lines[op].exchange([*(commands[i] for i in missing), *after])
+            for i, reply in zip(missing, again):
                 replies[i] = reply
+            replies[len(commands) :] = again[len(missing) :]
         return replies
 
     async def _run(self, op: str, call, nbytes: int = 0) -> Any:
-        """One operation, timed and counted; an unreachable store becomes StateUnavailable."""
+        """One operation, timed and counted. What a failover gives (a dropped
+        connection, READONLY, no primary yet) is retried, with a growing
+        pause, until ``failover_s`` has passed; then, or for any other store
+        error, StateUnavailable. Every operation may run twice: the scripts
+        make a second run of one that landed change nothing."""
         from redis.exceptions import RedisError
 
         self._client()
         started = time.perf_counter()
-        try:
-            async with _deadline(OPERATION_TIMEOUT_S):
-                result = await call()
-        except (RedisError, asyncio.TimeoutError) as exc:
-            metrics.STATE_ERRORS.labels(op).inc()
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else f"no answer in {OPERATION_TIMEOUT_S:g} s"
-            self._mark(False, reason)
-            # A write cut short may still have landed: only its number makes the retry safe.
-            outcome = ("the chunk's write may or may not have landed: retry it with its chunk_index (applied once)"
-                       if op == "commit" else "the chunk was not applied: retry shortly")  # fmt: skip
-            raise StateUnavailable(
-                f"the session store ({redacted(self.url)}) is unreachable ({type(exc).__name__}); {outcome}"
-            ) from None
+        give_up, pause = time.monotonic() + self.failover_s, 0.05
+        while True:
+            try:
+                async with _deadline(OPERATION_TIMEOUT_S):
+                    result = await call()
+                break
+            except (RedisError, asyncio.TimeoutError) as exc:
+                metrics.STATE_ERRORS.labels(op).inc()
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else f"no answer in {OPERATION_TIMEOUT_S:g} s"
+                self._mark(False, reason)
+                if redis_connect.passing(exc) and time.monotonic() + pause < give_up:
+                    metrics.STATE_RETRIES.labels(op).inc()
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 0.5)
+                    continue
+                exc_name = type(exc).__name__
+                # A write cut short may still have landed: only its number makes the retry safe.
+                outcome = ("the chunk's write may or may not have landed: retry it with its chunk_index (applied once)"
+                           if op == "commit" else "the chunk was not applied: retry shortly")  # fmt: skip
+                raise StateUnavailable(
+                    f"the session store ({self.address.redacted()}) is unreachable ({exc_name}); {outcome}"
+                ) from None
         metrics.STATE_SECONDS.labels(op).observe(time.perf_counter() - started)
         if nbytes:
             metrics.STATE_BYTES.labels(op).observe(nbytes)
@@ -299,9 +273,9 @@ class RedisSessions:
     def _mark(self, reachable: bool, detail: str | None) -> None:
         if reachable != self.reachable:
             if reachable:
-                log.info("session store %s reachable", redacted(self.url))
+                log.info("session store %s reachable", self.address.redacted())
             else:
-                log.warning("session store %s unreachable: %s", redacted(self.url), detail)
+                log.warning("session store %s unreachable: %s", self.address.redacted(), detail)
         self.reachable, self.detail = reachable, detail
 
     # -- the operations -------------------------------------------------------------------
@@ -330,10 +304,23 @@ class RedisSessions:
             raise SessionNotFound(f"Session not found: {session_id} (unknown, closed or expired)")
         n, client, state, last, audio = reply
         metrics.STATE_BYTES.labels("fetch").observe(len(state) + len(last) + sum(map(len, audio)))
+        if last and self.ack == "replica":
+            await self._replica_holds(keys[0])  # a retry's stored answer is given only once a replica has it
         return Fetched(
             int(n), client.decode(), decode_state(state, audio) if state else None,
             decode_answer(last) if last else None, [piece_samples(piece) for piece in audio] if state else None,
         )  # fmt: skip
+
+    async def _replica_holds(self, key: str) -> None:
+        """Wait until a replica holds everything written to ``key`` so far: a
+        write of nothing new (the TTL again), then WAIT for it; the
+        replication stream is in order, so what came before is held too."""
+        replies = await self._run("confirm", lambda: self._lines["fetch"].exchange(
+            [("PEXPIRE", key, self.ttl_ms), ("WAIT", 1, self.ack_timeout_ms)]))  # fmt: skip
+        if isinstance(replies[1], Exception) or int(replies[1]) < 1:
+            metrics.STATE_UNACKED.inc()
+            raise StateUnavailable(f"no replica of the session store holds this chunk's answer yet (--state-ack replica, "
+                                   f"{self.ack_timeout_ms} ms); retry it with its chunk_index")  # fmt: skip
 
     async def commit(self, writes: list[Commit]) -> list[tuple[str, int] | Exception]:
         """Write the states chunks left, each only if its session is still at
@@ -342,13 +329,25 @@ class RedisSessions:
         Several writes (one batch's chunks) go in one round trip."""
         calls = [self._commit_call(w) for w in writes]
         nbytes = sum(len(w.state) + len(w.answer) + len(w.audio) for w in writes)
-        replies = await self._run("commit", lambda: self._scripted("commit", calls), nbytes)
+        replica = self.ack == "replica"
+        # WAIT on the same connection, in the same round trip: it returns once
+        # a replica holds every write sent before it (or its timeout passed).
+        after = [("WAIT", 1, self.ack_timeout_ms)] if replica else []
+        replies = await self._run("commit", lambda: self._scripted("commit", calls, after), nbytes)
+        if replica:
+            held = replies.pop()
+            if isinstance(held, Exception) or int(held) < 1:
+                metrics.STATE_UNACKED.inc(len(writes))
+                unacked = StateUnavailable(
+                    f"no replica of the session store confirmed this chunk's write within {self.ack_timeout_ms} ms "
+                    "(--state-ack replica); it may be stored: retry it with its chunk_index (applied once)")  # fmt: skip
+                return [unacked] * len(writes)
         return [reply if isinstance(reply, Exception) else (reply[0].decode(), int(reply[1])) for reply in replies]
 
     def _commit_call(self, w: Commit) -> tuple[list[str], list]:
         keys = [PREFIX + "s:" + w.session_id, PREFIX + "a:" + w.session_id, ALL_SESSIONS, PREFIX + "c:" + w.client]
         args = [w.session_id, w.ran_on, w.state, w.answer, self.ttl_ms, w.frames, repr(w.first_at), repr(time.time()),
-                w.audio, w.keep]  # fmt: skip
+                w.audio, w.keep, w.token]  # fmt: skip
         return keys, args
 
     async def position(self, session_id: str) -> tuple[int, StreamState, tuple[ChunkResult, int] | None]:
@@ -387,11 +386,20 @@ class RedisSessions:
             self.latency_ms = (time.perf_counter() - started) * 1000
         except StateUnavailable:
             self.latency_ms = self.sessions = None
+        from redis.exceptions import RedisError
+
+        try:
+            async with _deadline(OPERATION_TIMEOUT_S):
+                self.topology = await redis_connect.topology(self._redis, self.address)
+        except (RedisError, asyncio.TimeoutError) as exc:
+            self.topology = {"mode": self.address.kind, "topology_error": f"{type(exc).__name__}: {exc}"}
 
     def health(self) -> dict[str, Any]:
         return {
             "store": "redis",
-            "url": redacted(self.url),
+            "url": self.address.redacted(),
+            **self.topology,
+            "ack": self.ack,
             "reachable": self.reachable,
             "detail": self.detail,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),

@@ -55,8 +55,9 @@ class SharedStreams(Streams):
     def __init__(self, settings: Settings, session_id_tag: str = "") -> None:
         super().__init__(settings, session_id_tag)
         self.store = RedisSessions(
-            settings.state, settings.session_idle_timeout_s, settings.max_sessions, settings.max_sessions_per_client
-        )
+            settings.state, settings.session_idle_timeout_s, settings.max_sessions, settings.max_sessions_per_client,
+            ack=settings.state_ack, ack_timeout_ms=settings.state_ack_timeout_ms, failover_s=settings.state_failover_s,
+        )  # fmt: skip
         self._unwritten: list[tuple[StreamChunk, ChunkResult, float]] = []  # finished, to be written together
 
     def health(self) -> dict:
@@ -129,6 +130,7 @@ class SharedStreams(Streams):
             if isinstance(exc, SessionNotFound):
                 self.sessions.close(session.id)
             return
+        behind = session.current and fetched.chunks_done < session.chunks_done
         if fetched.state is not None:
             session.state, session.chunks_done, session.client = fetched.state, fetched.chunks_done, fetched.client
             session.stored_audio = fetched.audio_pieces
@@ -137,6 +139,8 @@ class SharedStreams(Streams):
         session.last_answer, session.last_digest = fetched.last or (None, None)
         if chunk.replied:  # its client went away while the store answered
             self._finish(chunk, None)
+        elif behind and chunk.index != fetched.chunks_done + 1:
+            self._rolled_back(chunk, fetched.chunks_done, undo=False)
         elif settled_by_index(chunk):
             self._finish(chunk, None)
         else:
@@ -206,6 +210,11 @@ class SharedStreams(Streams):
             self.sessions.close(session.id)
             self._finish(chunk, SessionNotFound(f"Session not found: {session.id} (closed or expired)"))
             return
+        if n < session.chunks_done:
+            # The store is behind what this engine wrote and answered: a
+            # failover promoted a replica that lacked the session's last chunks.
+            self._rolled_back(chunk, n)
+            return
         # Another engine applied a chunk meanwhile: run this one again on the newer state.
         metrics.STATE_CONFLICTS.inc()
         session.current, session.current_reads = False, 0
@@ -221,6 +230,22 @@ class SharedStreams(Streams):
         session.waiting.appendleft(chunk)
         session.active = None
         self.start_next(session)
+
+
+    def _rolled_back(self, chunk: StreamChunk, n: int, undo: bool = True) -> None:
+        """The store holds fewer chunks of the session than this engine wrote
+        and answered (a failover promoted a replica that lacked the last
+        ones): refuse the chunk naming the one the store expects, from which
+        the client sends its audio again (a2e_client keeps it)."""
+        session = chunk.session
+        metrics.STATE_ROLLBACKS.inc()
+        log.warning("session %s: the store is back at chunk %d (a failover lost later chunks)", session.id, n)
+        if undo:
+            self._undo(chunk)
+        session.current, session.current_reads = False, 0
+        self._finish(chunk, ChunkOutOfOrder(
+            f"the session store lost this session's chunks after chunk {n} in a failover; send the audio again "
+            f"from chunk_index {n + 1} (the session expects chunk_index {n + 1})", n + 1))  # fmt: skip
 
 
 def _commit_of(chunk: StreamChunk, result: ChunkResult) -> tuple[Commit, list[int]]:

@@ -18,6 +18,8 @@ from typing import Any, Mapping, get_type_hints
 from a2e.config import read_config
 from a2e.errors import ConfigError
 
+from . import store_address
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/lam_audio2exp_config_streaming.py"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -67,7 +69,10 @@ class Settings:
     upload_memory_mb: float = field(default=128.0, metadata={"help": "request bodies held in memory at once (MB); beyond it 503 + Retry-After"})
     graceful_shutdown_s: float = field(default=15.0, metadata={"help": "on SIGTERM, time to finish in-flight requests (the rest answer 503)"})
     max_sessions_per_client: int = field(default=100, metadata={"help": "open streaming sessions per client address (per engine; across the cluster with a redis state store)"})
-    state: str = field(default="memory", metadata={"help": "where streaming sessions live: memory (this engine's; a session stays where it was opened) or redis://[:PASSWORD@]HOST:PORT/DB (shared: any node serves any chunk, a lost node or engine loses no session, session limits count across the cluster)"})
+    state: str = field(default="memory", metadata={"help": "where streaming sessions live: memory (this engine's; a session stays where it was opened), redis://[:PASSWORD@]HOST:PORT/DB (shared: any node serves any chunk, a lost node or engine loses no session, session limits count across the cluster), redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (the primary Sentinel names, followed across failovers) or redis+cluster://HOST:PORT[,HOST:PORT...] (a Redis Cluster)"})
+    state_ack: str = field(default="primary", metadata={"help": "when a chunk counts as stored: primary (its write landed on the primary; a failover may roll the session back, which clients replay) or replica (also held by at least one replica, WAIT; slower, and no rollback of an answered chunk)"})
+    state_ack_timeout_ms: int = field(default=1000, metadata={"help": "with --state-ack replica: how long a chunk waits for a replica to hold it before it is answered 503 (its chunk_index retry then gets the stored answer)"})
+    state_failover_s: float = field(default=10.0, metadata={"help": "how long a store operation is retried through a failover (connection lost, READONLY, no primary yet) before the chunk is answered 503 with Retry-After"})
     api_key: str | None = field(default=None, metadata={"help": "require this key (X-API-Key or Authorization: Bearer; gRPC metadata x-api-key or authorization) on every front door but health and metrics"})
     api_keys_file: str | None = field(default=None, metadata={"help": "keys per client: a file of 'NAME sha256:HEX' lines (python -m server.api_keys NAME makes one), re-read when it changes; session limits per client then count per key"})
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: HTTP (and WebSocket) and gRPC speak TLS 1.2/1.3 only; re-read when the file changes"})
@@ -109,8 +114,12 @@ class Settings:
         if self.stream_hop_s * 2 > self.stream_max_buffer_s:
             # A stream must be able to hold a hop waiting plus the next one arriving.
             raise ConfigError("stream_max_buffer_s must be at least twice stream_hop_s")
-        if self.state != "memory" and not self.state.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"state must be memory or a redis:// (rediss://, unix://) address, got {self.state!r}")
+        if self.state != "memory":
+            store_address.parse(self.state)
+        if self.state_ack not in ("primary", "replica"):
+            raise ConfigError(f"state_ack must be primary or replica, got {self.state_ack!r}")
+        if self.state_ack_timeout_ms < 1 or self.state_failover_s <= 0:
+            raise ConfigError("state_ack_timeout_ms and state_failover_s must be positive")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
