@@ -185,6 +185,17 @@ def test_a_sentinel_that_knows_no_such_service_stops_start_up(first_store):
     assert out.returncode == 2 and "knows no service 'no-such-service'" in out.stderr and "Traceback" not in out.stderr
 
 
+def lose_writes_during_a_run(store: Sentinels, cluster: Cluster, expected: dict[int, list]) -> list[dict]:
+    """The sessions' run with lose_the_replicas_last_writes midway, each
+    session's frames checked against the memory store's."""
+    try:
+        results = run_all(cluster.url, lambda: lose_the_replicas_last_writes(store))
+    finally:
+        resume(store)
+    check_none_lost(results, expected)
+    return results
+
+
 def test_a_failover_that_loses_answered_chunks_is_replayed_by_the_client(unguarded_store, clusters, expected):
     """--state-ack primary: chunks answered while the replica lagged are lost
     with the primary; the sessions say which chunk they expect, the clients
@@ -192,11 +203,7 @@ def test_a_failover_that_loses_answered_chunks_is_replayed_by_the_client(unguard
     doubled or different."""
     store, cluster = unguarded_store, clusters["primary"]
     rollbacks = counter(cluster, "a2e_state_store_rollbacks_total")
-    try:
-        results = run_all(cluster.url, lambda: lose_the_replicas_last_writes(store))
-    finally:
-        resume(store)
-    check_none_lost(results, expected)
+    results = lose_writes_during_a_run(store, cluster, expected)
     assert sum(r["replayed"] for r in results) > 0, "the failover was meant to lose answered chunks"
     assert counter(cluster, "a2e_state_store_rollbacks_total") > rollbacks
     assert max(r["longest"] for r in results) < DOWN_AFTER_MS / 1000 + 1.5 + 3 + 1.5  # the replica's pause, Sentinel's, 3 s
@@ -209,10 +216,6 @@ def test_with_replica_ack_a_lagging_replica_holds_answers_back_and_nothing_is_re
     loses no answered chunk."""
     store, cluster = unguarded_store, clusters["replica"]
     unacked = counter(cluster, "a2e_state_store_unacked_total")
-    try:
-        results = run_all(cluster.url, lambda: lose_the_replicas_last_writes(store))
-    finally:
-        resume(store)
-    check_none_lost(results, expected)
+    results = lose_writes_during_a_run(store, cluster, expected)
     assert sum(r["replayed"] for r in results) == 0
     assert counter(cluster, "a2e_state_store_unacked_total") > unacked
