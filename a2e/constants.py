@@ -19,6 +19,10 @@ WINDOW_FRAMES = 64
 WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_FRAMES // FPS  # 34133
 # Samples per volume frame (RMS frame and hop) at 16 kHz.
 VOLUME_HOP = SAMPLE_RATE // FPS  # 533
+# Weights leave the server with 6 decimals, whatever the door or the format:
+# 100x finer than the 1e-4 the outputs are reproduced to, and half the bytes
+# of full doubles. A stored answer keeps exactly that much.
+WEIGHT_DECIMALS = 6
 
 _DATA = json.loads((Path(__file__).parent / "data" / "lam_a2e_constants.json").read_text())
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .constants import ARKIT_NAMES, FPS
+from .constants import ARKIT_NAMES, FPS, WEIGHT_DECIMALS
 
 FORMATS = {
     "json": "application/json",
@@ -34,7 +34,7 @@ FORMATS = {
     "ndjson": "application/x-ndjson",
 }
 EXTENSIONS = {"json": "json", "json_named": "json", "csv": "csv", "gltf": "glb", "ndjson": "ndjson"}
-DECIMALS = 6
+DECIMALS = WEIGHT_DECIMALS
 
 # Live Link Face's columns: Apple's ARFaceAnchor order, capitalised, then rotations.
 LIVE_LINK_SHAPES = (

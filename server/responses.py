@@ -9,12 +9,10 @@ import ujson
 from sanic.response import HTTPResponse
 
 from a2e import exports
-from a2e.constants import ARKIT_NAMES, FPS, NUM_BLENDSHAPES
+from a2e.constants import ARKIT_NAMES, FPS, NUM_BLENDSHAPES, WEIGHT_DECIMALS
 
 NAMES = list(ARKIT_NAMES)
-# Weights are sent with 6 decimals: 100x finer than the 1e-4 the outputs are
-# reproduced to, and half the bytes (and less encoding time) of full doubles.
-DECIMALS = 6
+DECIMALS = WEIGHT_DECIMALS
 
 
 def animation(frames: np.ndarray, **metadata: Any) -> dict[str, Any]:

@@ -19,13 +19,20 @@ from engine import metrics
 from engine.protocol import ChunkOutOfOrder, SessionLimitReached, SessionNotFound, StateUnavailable
 from engine.service import InferenceService
 from engine.redis_sessions import pieces_to_keep
-from engine.session_codec import (CodecError, audio_tail, decode_audio, decode_state, encode_audio, encode_state, pack,
-                                  piece_samples, unpack)  # fmt: skip
+from a2e.constants import WEIGHT_DECIMALS
+from engine.protocol import ChunkResult
+from engine.session_codec import (CodecError, audio_tail, decode_answer, decode_audio, decode_state, encode_answer,
+                                  encode_audio, encode_state, pack, piece_samples, unpack)  # fmt: skip
 from runtime.settings import Settings
 from tests.cluster_parts import RedisServer
 from tests.conftest import speech_like
 
 TUNING = {"multipliers": {"JawOpen": 1.3}, "face_params": {"lowerFaceSmoothing": 0.05}}
+
+
+def as_sent(frames: np.ndarray) -> np.ndarray:
+    """Weights as every door renders them (what a stored answer keeps)."""
+    return np.round(np.asarray(frames, dtype=np.float64), WEIGHT_DECIMALS)
 
 
 def chunks(n: int, seconds: float = 0.7, seed: int = 0) -> list[np.ndarray]:
@@ -98,18 +105,36 @@ def test_recent_audio_is_the_tail_of_the_context_whatever_its_pieces():
     assert len(state.recent_audio(100)) == 0
 
 
-def test_audio_is_stored_as_16_bit_integers_only_where_that_is_exact():
+def test_audio_is_stored_losslessly_as_flac_only_where_16_bit_integers_are_exact():
+    speech = ((np.round(np.clip(speech_like(1.0, seed=3), -1, 1) * 32767) + 0.0) / 32768).astype(np.float32)  # no -0.0
     pcm = (np.arange(-32768, 32768, 7, dtype=np.int32).astype(np.float32) / 32768).astype(np.float32)
-    piece = encode_audio(pcm)
-    assert len(piece) == 1 + 2 * len(pcm) and piece_samples(piece) == len(pcm)
-    assert decode_audio(piece).tobytes() == pcm.tobytes()
+    for samples, tag, most in ((speech, b"c", 0.8), (pcm, b"c", 0.2), (pcm[:1000], b"s", 1.0)):
+        piece = encode_audio(samples)  # FLAC where it is worth it; 16-bit for a few samples
+        assert piece[:1] == tag and len(piece) <= 1 + 2 * len(samples) * most and piece_samples(piece) == len(samples)
+        assert decode_audio(piece).tobytes() == samples.tobytes()
     for inexact in (pcm * np.float32(0.9), np.array([1.0, 0.5], np.float32), np.array([np.nan], np.float32),
                     np.array([-0.0, 0.5], np.float32)):  # fmt: skip
         piece = encode_audio(inexact)
         assert len(piece) == 1 + 4 * len(inexact) and piece_samples(piece) == len(inexact)
         assert decode_audio(piece).tobytes() == inexact.tobytes()
-    with pytest.raises(CodecError):
-        decode_audio(b"x123")
+    for broken in (b"x123", b"c\x10\x00\x00\x00not flac", encode_audio(speech)[:-100]):
+        with pytest.raises(CodecError):
+            decode_audio(broken)
+
+
+def test_a_stored_answer_renders_as_the_answer_sent():
+    rng = np.random.default_rng(1)  # weights that move smoothly, as faces do
+    frames = (0.5 + 0.45 * np.sin(np.arange(30)[:, None] * rng.uniform(0.05, 0.4, 52) + rng.uniform(0, 6, 52))).astype(np.float32)
+    stored = encode_answer(ChunkResult(frames, 4, 1.0, 3.0, "continuous"), 77)
+    assert len(stored) < frames.nbytes * 0.7  # steps of 1e-6, frame to frame differences, deflated
+    (answer, digest) = decode_answer(stored)
+    assert np.array_equal(as_sent(answer.frames), as_sent(frames)) and answer.frames.dtype == np.float32
+    assert (answer.chunk_index, answer.start_time, digest) == (4, 3.0, 77)
+    big, _ = decode_answer(encode_answer(ChunkResult(frames * 1000, 1, 0.1, 0.0, "continuous"), 1))
+    assert np.array_equal(as_sent(big.frames), as_sent(frames * 1000))
+    for odd in (frames * 1e4, np.full((2, 52), np.nan, np.float32), np.zeros((0, 52), np.float32)):
+        answer, _ = decode_answer(encode_answer(ChunkResult(odd, 1, 0.1, 0.0, "continuous"), 1))
+        assert answer.frames.tobytes() == odd.tobytes()  # outside what float32 steps carry back: kept as they are
 
 
 def test_pieces_to_keep_are_the_fewest_newest_that_hold_a_window():
@@ -239,7 +264,7 @@ async def test_a_retried_chunk_is_answered_again_and_not_applied_twice(engines):
     one, two = chunks(2)
     first = await a.stream_chunk(sid, one, chunk_index=1)
     again = await b.stream_chunk(sid, one, chunk_index=1)  # the answer was lost: the client sends it again elsewhere
-    assert again.chunk_index == 1 and np.array_equal(again.frames, first.frames)
+    assert again.chunk_index == 1 and np.array_equal(as_sent(again.frames), as_sent(first.frames))
     with pytest.raises(ChunkOutOfOrder) as ahead:
         await b.stream_chunk(sid, two, chunk_index=3)
     assert ahead.value.expected_chunk_index == 2 and "expects chunk_index 2" in str(ahead.value)
@@ -249,7 +274,7 @@ async def test_a_retried_chunk_is_answered_again_and_not_applied_twice(engines):
     assert second.chunk_index == 2
     position = await b.session_position(sid)
     assert position.chunks == 2 and position.frames == len(first.frames) + len(second.frames)
-    assert np.array_equal(position.last.frames, second.frames)
+    assert np.array_equal(as_sent(position.last.frames), as_sent(second.frames))
 
 
 async def test_a_retry_without_a_store_is_answered_again_too(engines):
@@ -279,7 +304,7 @@ async def test_chunks_raced_to_two_engines_are_each_applied_once(engines):
     # The same numbered chunk raced: applied once, both answers the same.
     three = chunks(3, seed=4)[2]
     same = await asyncio.gather(a.stream_chunk(sid, three, chunk_index=3), b.stream_chunk(sid, three, chunk_index=3))
-    assert np.array_equal(same[0].frames, same[1].frames) and (await a.session_position(sid)).chunks == 3
+    assert np.array_equal(as_sent(same[0].frames), as_sent(same[1].frames)) and (await a.session_position(sid)).chunks == 3
 
 
 async def test_session_limits_hold_across_engines(engines):
