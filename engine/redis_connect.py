@@ -135,6 +135,11 @@ def check_address(url: str) -> None:
 
     address = parse(url)
     where = address.redacted()
+    if address.kind == "cluster":
+        # A session's keys and the limit sets are not yet placed in hash slots
+        # that one script may touch together: refused, not left to fail per chunk.
+        raise ConfigError(f"--state {where}: Redis Cluster is not supported yet (a session's keys are not yet kept in "
+                          "one hash slot); use redis://HOST:PORT or redis+sentinel://HOSTS/SERVICE")  # fmt: skip
     if address.kind == "sentinel":
         answered, asked = [], []
         for host, port in address.hosts:
@@ -154,16 +159,3 @@ def check_address(url: str) -> None:
                               f"{address.service!r} (check the name after the hosts)")  # fmt: skip
         log.warning("no sentinel of %s answers yet (%s); sessions wait for one", where, ", ".join(asked))
         return
-    if address.kind == "cluster":
-        for host, port in address.hosts:
-            try:
-                node = redis.Redis(host=host, port=port, password=address.password, socket_timeout=CONNECT_TIMEOUT_S,
-                                   socket_connect_timeout=CONNECT_TIMEOUT_S)  # fmt: skip
-                node.execute_command("CLUSTER", "INFO")
-                return
-            except redis.ResponseError as exc:
-                raise ConfigError(f"--state {where}: {host}:{port} is not a Redis Cluster node ({exc}); "
-                                  "use redis://HOST:PORT for one server") from None  # fmt: skip
-            except RedisError as exc:
-                log.warning("cluster node %s:%d does not answer (%s)", host, port, exc)
-        log.warning("no node of %s answers yet; sessions wait for one", where)

@@ -116,3 +116,11 @@ def test_an_empty_variable_leaves_an_optional_setting_unset():
     settings = load_settings([], {"A2E_WEIGHT": ""})
     assert settings.weight is None and not settings.weight_is_explicit
     assert load_settings([], {"A2E_WEIGHT": "hf://3DAIGC/LAM_audio2exp"}).weight_is_explicit
+
+
+def test_a_redis_cluster_address_is_refused_until_its_keys_share_a_slot():
+    from engine.redis_connect import check_address
+
+    with pytest.raises(ConfigError, match="Redis Cluster is not supported yet") as refused:
+        check_address("redis+cluster://:secret@127.0.0.1:1,127.0.0.1:2")
+    assert "secret" not in str(refused.value)  # the address is named, its password is not
