@@ -13,6 +13,7 @@ Writes benchmarks/out/store_bytes.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import subprocess
 import sys
@@ -92,8 +93,7 @@ def main() -> None:
         writes = []
         for k, chunk in enumerate(pcm_chunks(name)):
             frames = streaming.push_chunk(state, backend, chunk)
-            writes.append((state, ChunkResult(frames, k + 1, 1.0, k * 1.0, "continuous"), chunk))
-        writes = [(w[0], w[1], w[2]) for w in writes]
+            writes.append((copy.deepcopy(state), ChunkResult(frames, k + 1, 1.0, k * 1.0, "continuous"), chunk))
         new_m, old_m = measure(session_codec, writes, args.repeats), measure(old, writes, args.repeats)
         report["clips"][name] = {"chunks": len(writes), "now": new_m, "before": old_m,
                                  "bytes_ratio": new_m["bytes"]["total"] / old_m["bytes"]["total"]}  # fmt: skip
